@@ -1,0 +1,215 @@
+//! `outbox`: the relay sidecar and its operator commands. Configuration comes from the
+//! environment (see the README); this file only parses it and wires the library together.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use outbox::config::{Config, redact};
+use outbox::store::postgres::PgStore;
+use outbox::{Health, Store, StoreOptions};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "outbox", version, about = "Transactional outbox relay to RabbitMQ")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar until SIGTERM/SIGINT.
+    Relay,
+    /// Apply the schema to DATABASE_URL (running it twice changes nothing).
+    Migrate,
+    /// Pending count, oldest pending age, dead count, blocked ordering keys.
+    Status {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and release dead rows.
+    Dead {
+        #[command(subcommand)]
+        action: DeadAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadAction {
+    /// The dead rows with their last error.
+    List {
+        /// Print one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead rows back to pending with their attempts reset to 0.
+    Retry {
+        /// Every dead row.
+        #[arg(long, conflicts_with = "message_ids")]
+        all: bool,
+        /// The message ids of the rows to retry.
+        #[arg(required_unless_present = "all")]
+        message_ids: Vec<String>,
+    },
+}
+
+/// Latency buckets, in seconds, for `outbox_publish_latency_seconds`.
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut errors = Vec::new();
+    let filter = EnvFilter::try_from_default_env().or_else(|e| match std::env::var_os("RUST_LOG") {
+        Some(_) => {
+            errors.push(format!("RUST_LOG: invalid log filter ({e})"));
+            Err(e)
+        }
+        None => Ok(EnvFilter::new("info")),
+    });
+    let config = Config::from_env(matches!(cli.command, Command::Relay)).map_err(|e| errors.extend(e));
+    let (Ok(filter), Ok(config)) = (filter, config) else {
+        for line in errors {
+            eprintln!("outbox: bad configuration: {line}");
+        }
+        return ExitCode::from(2);
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outbox: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    let opts = StoreOptions { table: config.table.clone(), retention: config.retention };
+    let scheme = config.database_url.split("://").next().unwrap_or_default();
+    match scheme {
+        "postgres" | "postgresql" => {
+            let store = PgStore::connect_lazy(&config.database_url, opts)
+                .with_context(|| format!("DATABASE_URL {}", redact(&config.database_url)))?;
+            execute(command, store, config).await
+        }
+        other => bail!("DATABASE_URL: {other}:// is not supported by this build yet"),
+    }
+}
+
+async fn execute(command: Command, store: impl Store, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Relay => relay(store, config).await,
+        Command::Migrate => {
+            let applied = store.migrate().await.context("migration failed")?;
+            if applied.is_empty() {
+                println!("schema of table {} is up to date", config.table);
+            }
+            for name in applied {
+                println!("applied {name} to table {}", config.table);
+            }
+            Ok(())
+        }
+        Command::Status { json } => status(store, json).await,
+        Command::Dead { action: DeadAction::List { json } } => dead_list(store, json).await,
+        Command::Dead { action: DeadAction::Retry { all, message_ids } } => {
+            for id in &message_ids {
+                uuid::Uuid::parse_str(id).with_context(|| format!("{id:?} is not a message id (a UUID)"))?;
+            }
+            let n = store.dead_retry((!all).then_some(&message_ids[..])).await.context("dead retry failed")?;
+            println!("{n} dead row(s) put back to pending");
+            Ok(())
+        }
+    }
+}
+
+async fn relay(store: impl Store, config: Config) -> anyhow::Result<()> {
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(outbox::metrics::PUBLISH_LATENCY.into()), LATENCY_BUCKETS)?
+        .install_recorder()
+        .context("metrics recorder")?;
+    outbox::metrics::describe();
+    let health = Arc::new(Health::default());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let upkeep = prometheus.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let http = match config.relay.http_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("OUTBOX_HTTP_ADDR: cannot listen on {addr}"))?;
+            tracing::info!(%addr, "HTTP endpoints listening");
+            Some(tokio::spawn(outbox::http::serve(listener, health.clone(), prometheus, shutdown.clone())))
+        }
+        None => None,
+    };
+    tracing::info!(table = %config.table, nodes = config.relay.amqp_urls.len(), database = %redact(&config.database_url), "relay starting");
+    outbox::relay::run(store, config.relay, health, shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(http) = http {
+        http.await?.context("HTTP server")?;
+    }
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    shutdown.cancel();
+}
+
+async fn status(store: impl Store, json: bool) -> anyhow::Result<()> {
+    let stats = store.stats().await.context("reading the outbox table")?;
+    let blocked = store.blocked_keys().await.context("reading the outbox table")?;
+    if json {
+        let mut v = serde_json::to_value(&stats)?;
+        v["blocked_ordering_keys"] = blocked.into();
+        println!("{v}");
+    } else {
+        println!("pending:               {}", stats.pending);
+        println!("oldest pending age:    {:.1}s", stats.oldest_pending_age_seconds);
+        println!("dead:                  {}", stats.dead);
+        println!("blocked ordering keys: {}", if blocked.is_empty() { "none".into() } else { blocked.join(", ") });
+    }
+    Ok(())
+}
+
+async fn dead_list(store: impl Store, json: bool) -> anyhow::Result<()> {
+    let rows = store.dead_list().await.context("reading the outbox table")?;
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no dead rows");
+    }
+    for r in rows {
+        println!(
+            "{}  key={}  attempts={}  {}/{}  age={:.0}s\n    {}",
+            r.message_id,
+            r.ordering_key.as_deref().unwrap_or("-"),
+            r.attempts,
+            r.exchange,
+            r.routing_key,
+            r.age_seconds,
+            r.last_error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The AMQP side: connecting over a list of cluster nodes, a confirm-mode channel, publishes
+//! that resolve to "confirmed and routed" or a reason, and the broker's blocked events.
+
+mod properties;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind};
+use tokio::sync::Mutex;
+
+use crate::Health;
+use crate::message::OutboxRow;
+
+/// Heartbeat asked for when the URL sets none: a dead peer is noticed within ~20 s.
+const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+/// Why a publish did not end in a routed, confirmed message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PublishError {
+    /// The broker nacked the message.
+    Nack,
+    /// The message was returned: no queue is bound for it.
+    Unroutable(String),
+    /// The target exchange does not exist (or may not be used).
+    Rejected(String),
+    /// No confirm came within the confirm timeout.
+    Timeout,
+    /// The connection or channel failed: not the row's fault.
+    Connection(String),
+    /// The row cannot be published as written (bad headers, over-long names).
+    BadRow(String),
+}
+
+impl PublishError {
+    /// The `reason` label of `outbox_publish_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PublishError::Nack => "nack",
+            PublishError::Unroutable(_) => "unroutable",
+            PublishError::Rejected(_) => "rejected",
+            PublishError::Timeout => "timeout",
+            PublishError::Connection(_) => "connection",
+            PublishError::BadRow(_) => "bad_row",
+        }
+    }
+}
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishError::Nack => f.write_str("nacked by the broker"),
+            PublishError::Unroutable(text) => write!(f, "unroutable: returned by the broker ({text})"),
+            PublishError::Rejected(text) => write!(f, "rejected by the broker: {text}"),
+            PublishError::Timeout => f.write_str("no publisher confirm before the timeout"),
+            PublishError::Connection(text) => write!(f, "connection lost: {text}"),
+            PublishError::BadRow(text) => write!(f, "bad row: {text}"),
+        }
+    }
+}
+
+/// The cluster's nodes, tried in turn: after a lost connection the next node comes first.
+#[derive(Debug, Clone)]
+pub struct Nodes {
+    /// The `AMQP_URL` entries, in order.
+    urls: Vec<String>,
+    /// Where the next connection attempt starts.
+    next: usize,
+}
+
+impl Nodes {
+    /// The node list (must not be empty).
+    pub fn new(urls: Vec<String>) -> Self {
+        assert!(!urls.is_empty(), "at least one AMQP URL");
+        Nodes { urls, next: 0 }
+    }
+
+    /// Tries every node once, starting with the one after the last connected; returns the
+    /// first publisher that opens.
+    pub async fn connect(&mut self, timeout: Duration, health: &Arc<Health>) -> Result<Arc<Publisher>, String> {
+        let mut last_error = String::new();
+        for _ in 0..self.urls.len() {
+            let at = self.next;
+            self.next = (at + 1) % self.urls.len();
+            let url = &self.urls[at];
+            match tokio::time::timeout(timeout, Publisher::open(url, health.clone())).await {
+                Ok(Ok(publisher)) => {
+                    tracing::info!(node = %crate::config::redact(url), "connected to the broker");
+                    return Ok(publisher);
+                }
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => last_error = format!("no answer within {timeout:?}"),
+            }
+            tracing::warn!(node = %crate::config::redact(url), error = %last_error, "broker node unavailable");
+        }
+        Err(last_error)
+    }
+}
+
+/// One AMQP connection with a confirm-mode channel for publishing.
+pub struct Publisher {
+    /// The connection; its events report blocking.
+    conn: Connection,
+    /// The confirm-mode channel every row is published on.
+    channel: Channel,
+    /// A second channel for passive exchange checks, which close their channel on failure.
+    check: Mutex<Option<Channel>>,
+    /// Exchanges known to exist on this connection.
+    known_exchanges: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Publisher {
+    async fn open(url: &str, health: Arc<Health>) -> Result<Arc<Self>, lapin::Error> {
+        let mut uri: AMQPUri = url.parse().map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
+        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        let conn = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
+        let events = conn.events_listener();
+        tokio::spawn(watch_events(events, health));
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Arc::new(Publisher {
+            conn,
+            channel,
+            check: Mutex::new(None),
+            known_exchanges: Default::default(),
+        }))
+    }
+
+    /// The connection and the publishing channel are both open.
+    pub fn is_open(&self) -> bool {
+        self.conn.status().connected() && self.channel.status().connected()
+    }
+
+    /// Closes the connection politely (best effort).
+    pub async fn close(&self) {
+        let _ = self.conn.close(200, "outbox relay stopping".into()).await;
+    }
+
+    /// Publishes `row` as the contract maps it, and waits for its confirm up to `timeout`.
+    pub async fn publish(&self, row: &OutboxRow, app_id: Option<&str>, timeout: Duration) -> Result<(), PublishError> {
+        let props = properties::properties(row, app_id).map_err(PublishError::BadRow)?;
+        self.check_exchange(&row.exchange).await?;
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let confirm = async {
+            self.channel
+                .basic_publish(row.exchange.as_str().into(), row.routing_key.as_str().into(), options, row.payload.as_bytes(), props)
+                .await?
+                .await
+        };
+        match tokio::time::timeout(timeout, confirm).await {
+            Err(_) => Err(PublishError::Timeout),
+            Ok(Err(e)) => Err(PublishError::Connection(e.to_string())),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Unroutable(returned.reply_text.to_string())),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nack),
+            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Connection("confirms are off".into())),
+        }
+    }
+
+    /// Publishing to a missing exchange would close the shared channel and fail every row in
+    /// flight; a passive declare on a side channel blames only the rows that target it.
+    async fn check_exchange(&self, exchange: &str) -> Result<(), PublishError> {
+        if exchange.is_empty() || self.known_exchanges.lock().expect("exchanges lock").contains(exchange) {
+            return Ok(());
+        }
+        let mut check = self.check.lock().await;
+        if self.known_exchanges.lock().expect("exchanges lock").contains(exchange) {
+            return Ok(());
+        }
+        let channel = match check.as_ref().filter(|c| c.status().connected()) {
+            Some(channel) => channel.clone(),
+            None => {
+                let channel = self.conn.create_channel().await.map_err(|e| PublishError::Connection(e.to_string()))?;
+                check.insert(channel).clone()
+            }
+        };
+        let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+        match channel.exchange_declare(exchange.into(), ExchangeKind::Direct, passive, FieldTable::default()).await {
+            Ok(()) => {
+                self.known_exchanges.lock().expect("exchanges lock").insert(exchange.to_owned());
+                Ok(())
+            }
+            Err(e) if e.is_amqp_soft_error() => Err(PublishError::Rejected(e.to_string())),
+            Err(e) => Err(PublishError::Connection(e.to_string())),
+        }
+    }
+}
+
+/// Mirrors the connection's blocked/unblocked events into `health` until it closes.
+async fn watch_events(events: impl futures_util::Stream<Item = Event> + Send + 'static, health: Arc<Health>) {
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Event::ConnectionBlocked(reason) => health.set_blocked(Some(reason)),
+            Event::ConnectionUnblocked => health.set_blocked(None),
+            Event::Error(e) => {
+                tracing::warn!(error = %e, "broker connection error");
+                health.broker_changed.notify_waiters();
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The one place that reads the environment.
+//!
+//! Every variable is checked and every problem reported (one line each), so an operator
+//! fixes a deployment in one go. No value of a URL variable is ever echoed: it may hold a
+//! password.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::TableName;
+
+/// Everything the sidecar is configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `DATABASE_URL`: `postgres://…` or `mysql://…`.
+    pub database_url: String,
+    /// `OUTBOX_TABLE`: the outbox table (default `outbox`).
+    pub table: TableName,
+    /// `OUTBOX_RETENTION`: how long sent rows are kept (default 0: deleted once confirmed).
+    pub retention: Duration,
+    /// The relay's own settings.
+    pub relay: RelayConfig,
+}
+
+/// What only `outbox relay` needs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// `AMQP_URL`: the broker's nodes, comma-separated.
+    pub amqp_urls: Vec<String>,
+    /// `OUTBOX_HTTP_ADDR`: where the HTTP endpoints listen (default `0.0.0.0:8787`).
+    pub http_addr: Option<SocketAddr>,
+    /// `OUTBOX_APP_ID`: the AMQP `app_id` property.
+    pub app_id: Option<String>,
+    /// `OUTBOX_BATCH_SIZE`: rows per claim (default 500).
+    pub batch_size: usize,
+    /// `OUTBOX_MAX_IN_FLIGHT`: unconfirmed publishes at most (default 1000).
+    pub max_in_flight: usize,
+    /// `OUTBOX_POLL_INTERVAL`: claim at least this often without a notification (default 1s).
+    pub poll_interval: Duration,
+    /// `OUTBOX_CONFIRM_TIMEOUT`: a publish with no confirm by then is retried (default 30s).
+    pub confirm_timeout: Duration,
+    /// `OUTBOX_CONNECT_TIMEOUT`: one broker connection attempt at most (default 10s).
+    pub connect_timeout: Duration,
+    /// `OUTBOX_BACKOFF_MIN`: first retry delay of a failed row (default 1s).
+    pub backoff_min: Duration,
+    /// `OUTBOX_BACKOFF_MAX`: cap of the retry delay (default 5m).
+    pub backoff_max: Duration,
+    /// `OUTBOX_MAX_ATTEMPTS`: attempts in all before a row is dead (default 10).
+    pub max_attempts: u32,
+    /// `OUTBOX_SHUTDOWN_GRACE`: how long a stop waits for outstanding confirms (default 10s).
+    pub shutdown_grace: Duration,
+    /// `OUTBOX_LEADER_CHECK`: how often a standby tries to lead and a leader checks its lock (default 1s).
+    pub leader_check: Duration,
+}
+
+impl Config {
+    /// Reads the process environment; `AMQP_URL` is required when `needs_broker`.
+    pub fn from_env(needs_broker: bool) -> Result<Config, Vec<String>> {
+        Self::from_vars(|name| std::env::var(name).ok(), needs_broker)
+    }
+
+    /// Reads configuration from `var`, reporting every invalid variable.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>, needs_broker: bool) -> Result<Config, Vec<String>> {
+        let mut r = Reader { var: &var, errors: Vec::new() };
+        let database_url = r.database_url();
+        let table = r.parse("OUTBOX_TABLE", TableName::default(), |s| TableName::new(s).map_err(|e| e.to_string()));
+        let retention = r.duration("OUTBOX_RETENTION", Duration::ZERO);
+        let relay = RelayConfig {
+            amqp_urls: r.amqp_urls(needs_broker),
+            http_addr: r.parse("OUTBOX_HTTP_ADDR", Some(SocketAddr::from(([0, 0, 0, 0], 8787))), |s| {
+                if s.is_empty() {
+                    return Ok(None);
+                }
+                SocketAddr::from_str(s).map(Some).map_err(|_| format!("expected HOST:PORT such as 0.0.0.0:8787, got {s:?}"))
+            }),
+            app_id: var("OUTBOX_APP_ID").filter(|s| !s.is_empty()),
+            batch_size: r.positive("OUTBOX_BATCH_SIZE", 500),
+            max_in_flight: r.positive("OUTBOX_MAX_IN_FLIGHT", 1000),
+            poll_interval: r.duration("OUTBOX_POLL_INTERVAL", Duration::from_secs(1)),
+            confirm_timeout: r.duration("OUTBOX_CONFIRM_TIMEOUT", Duration::from_secs(30)),
+            connect_timeout: r.duration("OUTBOX_CONNECT_TIMEOUT", Duration::from_secs(10)),
+            backoff_min: r.duration("OUTBOX_BACKOFF_MIN", Duration::from_secs(1)),
+            backoff_max: r.duration("OUTBOX_BACKOFF_MAX", Duration::from_secs(300)),
+            max_attempts: r.positive("OUTBOX_MAX_ATTEMPTS", 10),
+            shutdown_grace: r.duration("OUTBOX_SHUTDOWN_GRACE", Duration::from_secs(10)),
+            leader_check: r.duration("OUTBOX_LEADER_CHECK", Duration::from_secs(1)),
+        };
+        for (name, d) in [
+            ("OUTBOX_POLL_INTERVAL", relay.poll_interval),
+            ("OUTBOX_CONFIRM_TIMEOUT", relay.confirm_timeout),
+            ("OUTBOX_CONNECT_TIMEOUT", relay.connect_timeout),
+            ("OUTBOX_LEADER_CHECK", relay.leader_check),
+        ] {
+            if d.is_zero() {
+                r.errors.push(format!("{name}: must be greater than zero"));
+            }
+        }
+        if relay.backoff_min > relay.backoff_max {
+            r.errors.push("OUTBOX_BACKOFF_MIN: must not exceed OUTBOX_BACKOFF_MAX".into());
+        }
+        match r.errors.is_empty() {
+            true => Ok(Config { database_url, table, retention, relay }),
+            false => Err(r.errors),
+        }
+    }
+}
+
+/// Reads variables and collects what is wrong with them.
+struct Reader<'a> {
+    var: &'a dyn Fn(&str) -> Option<String>,
+    errors: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn parse<T>(&mut self, name: &str, default: T, parse: impl Fn(&str) -> Result<T, String>) -> T {
+        match (self.var)(name) {
+            None => default,
+            Some(raw) => parse(raw.trim()).unwrap_or_else(|why| {
+                self.errors.push(format!("{name}: {why}"));
+                default
+            }),
+        }
+    }
+
+    fn duration(&mut self, name: &str, default: Duration) -> Duration {
+        self.parse(name, default, |s| {
+            humantime::parse_duration(s).map_err(|_| format!("expected a duration such as 500ms, 5s or 7d, got {s:?}"))
+        })
+    }
+
+    fn positive<T: FromStr + Default + PartialEq>(&mut self, name: &str, default: T) -> T {
+        self.parse(name, default, |s| match s.parse::<T>() {
+            Ok(v) if v != T::default() => Ok(v),
+            _ => Err(format!("expected a positive whole number, got {s:?}")),
+        })
+    }
+
+    fn database_url(&mut self) -> String {
+        let Some(url) = (self.var)("DATABASE_URL").filter(|s| !s.trim().is_empty()) else {
+            self.errors.push("DATABASE_URL: required, e.g. postgres://user@host/db or mysql://user@host/db".into());
+            return String::new();
+        };
+        match url::Url::parse(url.trim()) {
+            Ok(u) if matches!(u.scheme(), "postgres" | "postgresql" | "mysql" | "mariadb") => url.trim().to_owned(),
+            Ok(u) => {
+                self.errors.push(format!("DATABASE_URL: unsupported scheme {:?} (expected postgres:// or mysql://)", u.scheme()));
+                String::new()
+            }
+            Err(e) => {
+                self.errors.push(format!("DATABASE_URL: not a valid URL ({e})"));
+                String::new()
+            }
+        }
+    }
+
+    fn amqp_urls(&mut self, required: bool) -> Vec<String> {
+        let Some(raw) = (self.var)("AMQP_URL").filter(|s| !s.trim().is_empty()) else {
+            if required {
+                self.errors.push("AMQP_URL: required, e.g. amqp://user:password@host:5672/%2f (several, comma-separated, for a cluster)".into());
+            }
+            return Vec::new();
+        };
+        let urls: Vec<String> = raw.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        for (i, u) in urls.iter().enumerate() {
+            let scheme_ok = u.starts_with("amqp://") || u.starts_with("amqps://");
+            if !scheme_ok || u.parse::<lapin::uri::AMQPUri>().is_err() {
+                self.errors.push(format!("AMQP_URL: entry {} is not a valid amqp:// or amqps:// URL", i + 1));
+            }
+        }
+        urls
+    }
+}
+
+/// The URL with its password replaced by `***`, for logs and messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn read(pairs: &[(&str, &str)], needs_broker: bool) -> Result<Config, Vec<String>> {
+        let vars: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_vars(|k| vars.get(k).cloned(), needs_broker)
+    }
+
+    #[test]
+    fn every_bad_variable_is_named_once() {
+        let errors = read(
+            &[
+                ("DATABASE_URL", "http://u:secret@h/db"),
+                ("AMQP_URL", "amqp://u:hunter2@h,nope"),
+                ("OUTBOX_BATCH_SIZE", "0"),
+                ("OUTBOX_TABLE", "a;b"),
+                ("OUTBOX_POLL_INTERVAL", "soon"),
+            ],
+            true,
+        )
+        .unwrap_err();
+        let text = errors.join("\n");
+        for name in ["DATABASE_URL", "AMQP_URL: entry 2", "OUTBOX_BATCH_SIZE", "OUTBOX_TABLE", "OUTBOX_POLL_INTERVAL"] {
+            assert!(text.contains(name), "{name} not reported in {text}");
+        }
+        assert_eq!(errors.len(), 5, "{text}");
+        assert!(!text.contains("secret") && !text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn defaults_and_cluster_lists() {
+        let c = read(&[("DATABASE_URL", "postgres://h/db"), ("AMQP_URL", "amqp://a, amqp://b:5673")], true).unwrap();
+        assert_eq!(c.relay.amqp_urls, ["amqp://a", "amqp://b:5673"]);
+        assert_eq!(c.table.as_str(), "outbox");
+        assert_eq!(c.relay.max_attempts, 10);
+        assert!(read(&[("DATABASE_URL", "postgres://h/db")], true).is_err());
+        assert!(read(&[("DATABASE_URL", "postgres://h/db")], false).is_ok());
+    }
+
+    #[test]
+    fn redact_hides_passwords() {
+        assert_eq!(redact("amqp://guest:guest@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

@@ -1,0 +1,117 @@
+//! The relay's live state, shared by its loops, the gauges and the HTTP endpoints.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::metrics as m;
+use crate::store::Stats;
+
+/// What the relay knows about itself right now. Every setter keeps its gauge in step.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The last database round trip succeeded.
+    database_ok: AtomicBool,
+    /// An AMQP connection is open.
+    broker_connected: AtomicBool,
+    /// The broker's reason for blocking our publishing connection (`None` = not blocked).
+    blocked: Mutex<Option<String>>,
+    /// This instance holds the table's leadership.
+    leader: AtomicBool,
+    /// The last figures read from the table.
+    stats: Mutex<Stats>,
+    /// Signalled when the broker becomes blocked or unblocked, so waits end at once.
+    pub(crate) broker_changed: Notify,
+}
+
+/// A snapshot for `/readyz` and the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// `ready`, `standby`, or `not ready`.
+    pub status: &'static str,
+    /// The database answered the last query.
+    pub database: bool,
+    /// An AMQP connection is open.
+    pub broker_connected: bool,
+    /// The broker's blocking reason (memory or disk alarm), if blocked.
+    pub broker_blocked: Option<String>,
+    /// This instance publishes.
+    pub leader: bool,
+    /// Table figures.
+    pub stats: Stats,
+}
+
+impl Health {
+    /// Records whether the database answered.
+    pub fn set_database_ok(&self, ok: bool) {
+        self.database_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Records whether an AMQP connection is open.
+    pub fn set_broker_connected(&self, connected: bool) {
+        self.broker_connected.store(connected, Ordering::Relaxed);
+        metrics::gauge!(m::BROKER_CONNECTED).set(f64::from(u8::from(connected)));
+        self.broker_changed.notify_waiters();
+    }
+
+    /// Records a `connection.blocked` (with the broker's reason) or `unblocked` (`None`).
+    pub fn set_blocked(&self, reason: Option<String>) {
+        let changed = {
+            let mut blocked = self.blocked.lock().expect("health lock");
+            let changed = *blocked != reason;
+            *blocked = reason.clone();
+            changed
+        };
+        if changed {
+            match &reason {
+                Some(reason) => tracing::warn!(%reason, "broker blocked publishing: claiming stops"),
+                None => tracing::warn!("broker unblocked publishing: claiming resumes"),
+            }
+        }
+        metrics::gauge!(m::BROKER_BLOCKED).set(f64::from(u8::from(reason.is_some())));
+        self.broker_changed.notify_waiters();
+    }
+
+    /// The broker's blocking reason, if it blocks us now.
+    pub fn blocked(&self) -> Option<String> {
+        self.blocked.lock().expect("health lock").clone()
+    }
+
+    /// Records whether this instance leads.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Ordering::Relaxed);
+        metrics::gauge!(m::LEADER).set(f64::from(u8::from(leader)));
+    }
+
+    /// Records fresh table figures.
+    pub fn set_stats(&self, stats: Stats) {
+        metrics::gauge!(m::PENDING).set(stats.pending as f64);
+        metrics::gauge!(m::OLDEST_PENDING_AGE).set(stats.oldest_pending_age_seconds);
+        metrics::gauge!(m::DEAD).set(stats.dead as f64);
+        *self.stats.lock().expect("health lock") = stats;
+    }
+
+    /// The state as `/readyz` judges it.
+    pub fn snapshot(&self) -> Snapshot {
+        let database = self.database_ok.load(Ordering::Relaxed);
+        let broker_connected = self.broker_connected.load(Ordering::Relaxed);
+        let broker_blocked = self.blocked();
+        let leader = self.leader.load(Ordering::Relaxed);
+        let status = match (database, leader) {
+            (false, _) => "not ready",
+            (true, false) => "standby",
+            (true, true) if broker_connected && broker_blocked.is_none() => "ready",
+            (true, true) => "not ready",
+        };
+        Snapshot {
+            status,
+            database,
+            broker_connected,
+            broker_blocked,
+            leader,
+            stats: self.stats.lock().expect("health lock").clone(),
+        }
+    }
+}

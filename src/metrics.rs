@@ -1,0 +1,39 @@
+//! The metric names of the contract, and their descriptions.
+
+/// Rows not yet sent and not dead.
+pub const PENDING: &str = "outbox_pending_messages";
+/// Age of the oldest pending row.
+pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
+/// Rows confirmed and marked sent.
+pub const PUBLISHED: &str = "outbox_published_total";
+/// Failed attempts, by `reason`.
+pub const PUBLISH_FAILURES: &str = "outbox_publish_failures_total";
+/// Rows in the dead state.
+pub const DEAD: &str = "outbox_dead_messages";
+/// An AMQP connection is open.
+pub const BROKER_CONNECTED: &str = "outbox_broker_connected";
+/// The broker blocks our publishing connection.
+pub const BROKER_BLOCKED: &str = "outbox_broker_blocked";
+/// This instance leads.
+pub const LEADER: &str = "outbox_leader";
+/// Row creation to broker confirm.
+pub const PUBLISH_LATENCY: &str = "outbox_publish_latency_seconds";
+
+/// Registers every metric with its help text and sets the gauges to zero, so that
+/// `/metrics` lists them all from the start.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
+    describe_gauge!(PENDING, "rows not yet sent and not dead");
+    describe_gauge!(OLDEST_PENDING_AGE, Unit::Seconds, "age of the oldest pending row");
+    describe_counter!(PUBLISHED, "rows confirmed by the broker and marked sent");
+    describe_counter!(PUBLISH_FAILURES, "failed publish attempts by reason");
+    describe_gauge!(DEAD, "rows in the dead state");
+    describe_gauge!(BROKER_CONNECTED, "an AMQP connection is open");
+    describe_gauge!(BROKER_BLOCKED, "the broker blocks this relay's publishing connection");
+    describe_gauge!(LEADER, "this relay instance holds the table's leadership");
+    describe_histogram!(PUBLISH_LATENCY, Unit::Seconds, "row creation to broker confirm");
+    for g in [PENDING, OLDEST_PENDING_AGE, DEAD, BROKER_CONNECTED, BROKER_BLOCKED, LEADER] {
+        gauge!(g).set(0.0);
+    }
+    metrics::counter!(PUBLISHED).absolute(0);
+}

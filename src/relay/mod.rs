@@ -1,0 +1,136 @@
+//! The sidecar's loops: leadership, the leader's publish loop, table figures and retention.
+//!
+//! Any number of relays may run on one table. Each tries to take the table's leadership
+//! ([`Store::try_lead`]); the one that holds it publishes, the others stand by and try again
+//! every `OUTBOX_LEADER_CHECK`. A leader checks its lease as often and stops publishing the
+//! moment it is lost.
+
+mod leader;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::store::{Lease, Store};
+use crate::Health;
+
+/// Rows deleted per retention statement: bounded, so no purge holds locks for long.
+const PURGE_BATCH: i64 = 1000;
+
+/// Runs the relay until `shutdown` is cancelled, then drains (see [`RelayConfig::shutdown_grace`]).
+///
+/// A database or broker that is down is not an error: the relay retries and `health` says
+/// what is missing.
+pub async fn run<S: Store>(store: S, config: RelayConfig, health: Arc<Health>, shutdown: CancellationToken) {
+    let figures = tokio::spawn(refresh_stats(store.clone(), health.clone(), shutdown.clone()));
+    let mut reported_down = false;
+    while !shutdown.is_cancelled() {
+        match store.try_lead().await {
+            Ok(Some(lease)) => {
+                reported_down = false;
+                lead(&store, &config, &health, lease, &shutdown).await;
+            }
+            Ok(None) => tracing::debug!("another relay leads this table: standing by"),
+            Err(e) if !reported_down => {
+                reported_down = true;
+                tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "database unavailable: retrying");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.leader_check) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    figures.abort();
+}
+
+/// Holds leadership while the publish loop runs; returns when shutdown comes or the lease is lost.
+async fn lead<S: Store>(store: &S, config: &RelayConfig, health: &Arc<Health>, lease: S::Lease, shutdown: &CancellationToken) {
+    tracing::info!("leading: this relay publishes the table");
+    health.set_leader(true);
+    let stop = shutdown.child_token();
+    let lost = CancellationToken::new();
+    let wake = Arc::new(Notify::new());
+    let helpers = [
+        tokio::spawn(keep_lease(lease, config.leader_check, lost.clone(), stop.clone())),
+        tokio::spawn(purge_sent(store.clone(), stop.clone())),
+        tokio::spawn({
+            let (store, wake, stop) = (store.clone(), wake.clone(), stop.clone());
+            async move {
+                tokio::select! {
+                    _ = store.watch_inserts(wake) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+        }),
+    ];
+    leader::Leader::new(store.clone(), config.clone(), health.clone(), wake).run(&stop).await;
+    if lost.is_cancelled() {
+        tracing::error!("leadership lost (its database connection is gone): publishing stopped");
+    }
+    stop.cancel();
+    for helper in helpers {
+        let _ = helper.await;
+    }
+    health.set_leader(false);
+}
+
+/// Checks the lease every `every`; when it is gone, cancels `lost` and `stop`. Dropping the
+/// lease at the end (when `stop` is cancelled) releases leadership.
+async fn keep_lease<L: Lease>(mut lease: L, every: Duration, lost: CancellationToken, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        if !lease.alive().await {
+            lost.cancel();
+            stop.cancel();
+            return;
+        }
+    }
+}
+
+/// Keeps the gauges and `/readyz` within a second of the table.
+async fn refresh_stats<S: Store>(store: S, health: Arc<Health>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        match store.stats().await {
+            Ok(stats) => {
+                health.set_database_ok(true);
+                health.set_stats(stats);
+            }
+            Err(e) => {
+                health.set_database_ok(false);
+                tracing::debug!(error = %e, "database figures unavailable");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// Deletes sent rows past the retention, a bounded batch per statement.
+async fn purge_sent<S: Store>(store: S, stop: CancellationToken) {
+    loop {
+        let mut deleted = PURGE_BATCH;
+        while deleted == PURGE_BATCH && !stop.is_cancelled() {
+            deleted = match store.purge_sent(PURGE_BATCH).await {
+                Ok(n) => n as i64,
+                Err(e) => {
+                    tracing::debug!(error = %e, "retention purge failed; retrying later");
+                    0
+                }
+            };
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
