@@ -1,0 +1,295 @@
+//! Helpers shared by the integration tests: a database per test, an exchange and queue per
+//! test, the real `outbox` binary as a child process, and deadline-based waits.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use outbox::store::postgres::PgStore;
+use outbox::{Store, StoreOptions, TableName};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The server the test databases are created on (`OUTBOX_TEST_PG`).
+pub fn pg_server() -> String {
+    std::env::var("OUTBOX_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// The broker the tests use (`OUTBOX_TEST_AMQP`).
+pub fn amqp_url() -> String {
+    std::env::var("OUTBOX_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+const START_HINT: &str = "start the services with `scripts/services.sh` (it installs them if missing)";
+
+/// A unique name for this test's database, exchange and queue.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Waits until `check` holds, polling every 50 ms; panics naming `what` at the deadline.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A database of its own, migrated, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+    pub table: TableName,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        Self::with_table("outbox").await
+    }
+
+    pub async fn with_table(table: &str) -> Self {
+        let name = unique("outbox_t");
+        let admin = sqlx::PgPool::connect(&format!("{}/postgres", pg_server()))
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {} ({e}): {START_HINT}", pg_server()));
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+        admin.close().await;
+        let url = format!("{}/{name}", pg_server());
+        let pool = PgPoolOptions::new().max_connections(20).connect(&url).await.unwrap();
+        let table = TableName::new(table).unwrap();
+        let db = TestDb { name, url, pool, table };
+        db.store().migrate().await.expect("migrate");
+        db
+    }
+
+    pub fn store(&self) -> PgStore {
+        PgStore::new(self.pool.clone(), StoreOptions { table: self.table.clone(), retention: Duration::ZERO })
+    }
+
+    /// Inserts one row with plain SQL, as a service in any language would; returns its message id.
+    pub async fn insert(&self, routing_key: &str, ordering_key: Option<&str>, payload: serde_json::Value) -> String {
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "INSERT INTO {} (exchange, routing_key, ordering_key, payload) VALUES ('', $1, $2, $3) RETURNING message_id::text",
+            self.table
+        )))
+        .bind(routing_key)
+        .bind(ordering_key)
+        .bind(sqlx::types::Json(payload))
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    pub async fn count(&self, condition: &str) -> i64 {
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {} WHERE {condition}", self.table)))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(admin) = sqlx::PgPool::connect(&format!("{}/postgres", pg_server())).await {
+                    let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&admin).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// A received message.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub message_id: String,
+    pub routing_key: String,
+    pub properties: BasicProperties,
+    pub body: serde_json::Value,
+}
+
+/// A queue of its own, consumed into memory. Queues expire 10 minutes after the test.
+pub struct TestQueue {
+    pub name: String,
+    pub channel: lapin::Channel,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    _conn: Connection,
+}
+
+impl TestQueue {
+    /// A durable queue bound to nothing yet; messages on the default exchange with routing key
+    /// = `name` reach it. `bind(exchange, key)` adds routes.
+    pub async fn new() -> Self {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("RabbitMQ is not reachable at {} ({e}): {START_HINT}", amqp_url()));
+        let channel = conn.create_channel().await.unwrap();
+        let name = unique("q");
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), AMQPValue::LongInt(600_000));
+        channel
+            .queue_declare(name.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+            .await
+            .unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let mut consumer = channel
+            .basic_consume(name.as_str().into(), "test".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        let sink = received.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                sink.lock().unwrap().push(Received {
+                    message_id: d.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                    routing_key: d.routing_key.to_string(),
+                    body: serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null),
+                    properties: d.properties,
+                });
+            }
+        });
+        TestQueue { name, channel, received, _conn: conn }
+    }
+
+    /// A direct exchange of its own (auto-deleted with its last binding).
+    pub async fn exchange(&self) -> String {
+        let name = unique("x");
+        self.channel
+            .exchange_declare(name.as_str().into(), ExchangeKind::Direct, ExchangeDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        name
+    }
+
+    pub async fn bind(&self, exchange: &str, key: &str) {
+        self.channel
+            .queue_bind(self.name.as_str().into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// Waits until `n` messages have arrived.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        eventually(&format!("{n} messages on {}", self.name), timeout, || async { self.count() >= n }).await;
+        self.received()
+    }
+}
+
+/// The `outbox` binary.
+pub fn outbox_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_outbox"))
+}
+
+/// Runs an `outbox` command to completion against `db`.
+pub fn outbox_cmd(db: &TestDb, args: &[&str]) -> std::process::Output {
+    outbox_bin().args(args).env("DATABASE_URL", &db.url).env("OUTBOX_TABLE", db.table.as_str()).output().unwrap()
+}
+
+/// A free local port (bound once and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An `outbox relay` child process with its own HTTP port; killed when dropped.
+pub struct Relay {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    /// Starts a relay on `database_url`, with fast test timings unless `env` overrides them.
+    pub fn start(database_url: &str, table: &TableName, env: &[(&str, &str)]) -> Self {
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = std::env::temp_dir().join(format!("{}.log", unique("relay")));
+        let mut cmd = outbox_bin();
+        cmd.arg("relay")
+            .env("DATABASE_URL", database_url)
+            .env("AMQP_URL", amqp_url())
+            .env("OUTBOX_TABLE", table.as_str())
+            .env("OUTBOX_HTTP_ADDR", http.to_string())
+            .env("OUTBOX_LEADER_CHECK", "200ms")
+            .env("OUTBOX_POLL_INTERVAL", "200ms")
+            .env("RUST_LOG", "info,sqlx=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Relay { child: cmd.spawn().unwrap(), http, log }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path).await
+    }
+
+    /// The value of an unlabelled metric, if present.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics").await;
+        body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    }
+
+    pub async fn is_leader(&self) -> bool {
+        self.metric("outbox_leader").await == Some(1.0)
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A minimal HTTP/1.0 GET; (0, "") when nothing answers.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return (0, String::new()) };
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf).await;
+    let code = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
