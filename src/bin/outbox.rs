@@ -70,7 +70,7 @@ fn main() -> ExitCode {
             errors.push(format!("RUST_LOG: invalid log filter ({e})"));
             Err(e)
         }
-        None => Ok(EnvFilter::new("info")),
+        None => Ok(EnvFilter::new("info,sqlx=warn")),
     });
     let config = Config::from_env(matches!(cli.command, Command::Relay)).map_err(|e| errors.extend(e));
     let (Ok(filter), Ok(config)) = (filter, config) else {
@@ -79,7 +79,11 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
