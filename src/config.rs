@@ -61,19 +61,33 @@ impl Config {
     }
 
     /// Reads configuration from `var`, reporting every invalid variable.
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>, needs_broker: bool) -> Result<Config, Vec<String>> {
-        let mut r = Reader { var: &var, errors: Vec::new() };
+    pub fn from_vars(
+        var: impl Fn(&str) -> Option<String>,
+        needs_broker: bool,
+    ) -> Result<Config, Vec<String>> {
+        let mut r = Reader {
+            var: &var,
+            errors: Vec::new(),
+        };
         let database_url = r.database_url();
-        let table = r.parse("OUTBOX_TABLE", TableName::default(), |s| TableName::new(s).map_err(|e| e.to_string()));
+        let table = r.parse("OUTBOX_TABLE", TableName::default(), |s| {
+            TableName::new(s).map_err(|e| e.to_string())
+        });
         let retention = r.duration("OUTBOX_RETENTION", Duration::ZERO);
         let relay = RelayConfig {
             amqp_urls: r.amqp_urls(needs_broker),
-            http_addr: r.parse("OUTBOX_HTTP_ADDR", Some(SocketAddr::from(([0, 0, 0, 0], 8787))), |s| {
-                if s.is_empty() {
-                    return Ok(None);
-                }
-                SocketAddr::from_str(s).map(Some).map_err(|_| format!("expected HOST:PORT such as 0.0.0.0:8787, got {s:?}"))
-            }),
+            http_addr: r.parse(
+                "OUTBOX_HTTP_ADDR",
+                Some(SocketAddr::from(([0, 0, 0, 0], 8787))),
+                |s| {
+                    if s.is_empty() {
+                        return Ok(None);
+                    }
+                    SocketAddr::from_str(s)
+                        .map(Some)
+                        .map_err(|_| format!("expected HOST:PORT such as 0.0.0.0:8787, got {s:?}"))
+                },
+            ),
             app_id: var("OUTBOX_APP_ID").filter(|s| !s.is_empty()),
             batch_size: r.positive("OUTBOX_BATCH_SIZE", 500),
             max_in_flight: r.positive("OUTBOX_MAX_IN_FLIGHT", 1000),
@@ -97,10 +111,16 @@ impl Config {
             }
         }
         if relay.backoff_min > relay.backoff_max {
-            r.errors.push("OUTBOX_BACKOFF_MIN: must not exceed OUTBOX_BACKOFF_MAX".into());
+            r.errors
+                .push("OUTBOX_BACKOFF_MIN: must not exceed OUTBOX_BACKOFF_MAX".into());
         }
         match r.errors.is_empty() {
-            true => Ok(Config { database_url, table, retention, relay }),
+            true => Ok(Config {
+                database_url,
+                table,
+                retention,
+                relay,
+            }),
             false => Err(r.errors),
         }
     }
@@ -125,7 +145,8 @@ impl Reader<'_> {
 
     fn duration(&mut self, name: &str, default: Duration) -> Duration {
         self.parse(name, default, |s| {
-            humantime::parse_duration(s).map_err(|_| format!("expected a duration such as 500ms, 5s or 7d, got {s:?}"))
+            humantime::parse_duration(s)
+                .map_err(|_| format!("expected a duration such as 500ms, 5s or 7d, got {s:?}"))
         })
     }
 
@@ -138,17 +159,26 @@ impl Reader<'_> {
 
     fn database_url(&mut self) -> String {
         let Some(url) = (self.var)("DATABASE_URL").filter(|s| !s.trim().is_empty()) else {
-            self.errors.push("DATABASE_URL: required, e.g. postgres://user@host/db or mysql://user@host/db".into());
+            self.errors.push(
+                "DATABASE_URL: required, e.g. postgres://user@host/db or mysql://user@host/db"
+                    .into(),
+            );
             return String::new();
         };
         match url::Url::parse(url.trim()) {
-            Ok(u) if matches!(u.scheme(), "postgres" | "postgresql" | "mysql" | "mariadb") => url.trim().to_owned(),
+            Ok(u) if matches!(u.scheme(), "postgres" | "postgresql" | "mysql" | "mariadb") => {
+                url.trim().to_owned()
+            }
             Ok(u) => {
-                self.errors.push(format!("DATABASE_URL: unsupported scheme {:?} (expected postgres:// or mysql://)", u.scheme()));
+                self.errors.push(format!(
+                    "DATABASE_URL: unsupported scheme {:?} (expected postgres:// or mysql://)",
+                    u.scheme()
+                ));
                 String::new()
             }
             Err(e) => {
-                self.errors.push(format!("DATABASE_URL: not a valid URL ({e})"));
+                self.errors
+                    .push(format!("DATABASE_URL: not a valid URL ({e})"));
                 String::new()
             }
         }
@@ -161,11 +191,18 @@ impl Reader<'_> {
             }
             return Vec::new();
         };
-        let urls: Vec<String> = raw.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        let urls: Vec<String> = raw
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
         for (i, u) in urls.iter().enumerate() {
             let scheme_ok = u.starts_with("amqp://") || u.starts_with("amqps://");
             if !scheme_ok || u.parse::<lapin::uri::AMQPUri>().is_err() {
-                self.errors.push(format!("AMQP_URL: entry {} is not a valid amqp:// or amqps:// URL", i + 1));
+                self.errors.push(format!(
+                    "AMQP_URL: entry {} is not a valid amqp:// or amqps:// URL",
+                    i + 1
+                ));
             }
         }
         urls
@@ -191,7 +228,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn read(pairs: &[(&str, &str)], needs_broker: bool) -> Result<Config, Vec<String>> {
-        let vars: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_vars(|k| vars.get(k).cloned(), needs_broker)
     }
 
@@ -209,16 +249,32 @@ mod tests {
         )
         .unwrap_err();
         let text = errors.join("\n");
-        for name in ["DATABASE_URL", "AMQP_URL: entry 2", "OUTBOX_BATCH_SIZE", "OUTBOX_TABLE", "OUTBOX_POLL_INTERVAL"] {
+        for name in [
+            "DATABASE_URL",
+            "AMQP_URL: entry 2",
+            "OUTBOX_BATCH_SIZE",
+            "OUTBOX_TABLE",
+            "OUTBOX_POLL_INTERVAL",
+        ] {
             assert!(text.contains(name), "{name} not reported in {text}");
         }
         assert_eq!(errors.len(), 5, "{text}");
-        assert!(!text.contains("secret") && !text.contains("hunter2"), "{text}");
+        assert!(
+            !text.contains("secret") && !text.contains("hunter2"),
+            "{text}"
+        );
     }
 
     #[test]
     fn defaults_and_cluster_lists() {
-        let c = read(&[("DATABASE_URL", "postgres://h/db"), ("AMQP_URL", "amqp://a, amqp://b:5673")], true).unwrap();
+        let c = read(
+            &[
+                ("DATABASE_URL", "postgres://h/db"),
+                ("AMQP_URL", "amqp://a, amqp://b:5673"),
+            ],
+            true,
+        )
+        .unwrap();
         assert_eq!(c.relay.amqp_urls, ["amqp://a", "amqp://b:5673"]);
         assert_eq!(c.table.as_str(), "outbox");
         assert_eq!(c.relay.max_attempts, 10);
@@ -228,7 +284,10 @@ mod tests {
 
     #[test]
     fn redact_hides_passwords() {
-        assert_eq!(redact("amqp://guest:guest@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(
+            redact("amqp://guest:guest@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

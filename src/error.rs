@@ -13,7 +13,9 @@ pub enum Error {
     #[error("broker error")]
     Broker(#[source] lapin::Error),
     /// A table name is not a plain SQL identifier.
-    #[error("invalid table name {0:?}: use 1-48 letters, digits or underscores, not starting with a digit")]
+    #[error(
+        "invalid table name {0:?}: use 1-48 letters, digits or underscores, not starting with a digit"
+    )]
     InvalidTable(String),
     /// A URL names a scheme this build does not support.
     #[error("unsupported database URL scheme {0:?} (expected postgres:// or mysql://)")]
@@ -47,10 +49,12 @@ fn is_retryable_db(e: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_) => true,
         // 40001 serialization failure, 40P01 deadlock (PostgreSQL); 1213 deadlock and 1205
         // lock wait timeout (MySQL); class 08 connection exceptions; 57P01 admin shutdown.
-        sqlx::Error::Database(db) => matches!(
-            db.code().as_deref(),
-            Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "1213" | "1205")
-        ) || db.code().is_some_and(|c| c.starts_with("08")),
+        sqlx::Error::Database(db) => {
+            matches!(
+                db.code().as_deref(),
+                Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "1213" | "1205")
+            ) || db.code().is_some_and(|c| c.starts_with("08"))
+        }
         _ => false,
     }
 }

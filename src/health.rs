@@ -66,7 +66,9 @@ impl Health {
         };
         if changed {
             match &reason {
-                Some(reason) => tracing::warn!(%reason, "broker blocked publishing: claiming stops"),
+                Some(reason) => {
+                    tracing::warn!(%reason, "broker blocked publishing: claiming stops")
+                }
                 None => tracing::warn!("broker unblocked publishing: claiming resumes"),
             }
         }

@@ -23,22 +23,38 @@ struct Shared {
 }
 
 /// Serves the endpoints on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, prometheus: PrometheusHandle, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    prometheus: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/", get(page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .with_state(Shared { health, prometheus });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 async fn ready(State(s): State<Shared>) -> Response {
     let snap = s.health.snapshot();
-    let code = if snap.status == "not ready" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let code = if snap.status == "not ready" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     let mut body = serde_json::to_value(&snap).unwrap_or_default();
     body["reasons"] = not_ready_reasons(&snap).into();
-    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// Plain words for each thing that keeps the relay from being ready.
@@ -57,7 +73,10 @@ fn not_ready_reasons(snap: &crate::health::Snapshot) -> Vec<String> {
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.prometheus.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.prometheus.render(),
+    )
 }
 
 async fn page(State(s): State<Shared>) -> Html<String> {
@@ -66,13 +85,26 @@ async fn page(State(s): State<Shared>) -> Html<String> {
     let reasons = not_ready_reasons(&snap).join("; ");
     let rows = [
         ("status", snap.status.to_owned()),
-        ("why not ready", if reasons.is_empty() { "-".into() } else { reasons }),
+        (
+            "why not ready",
+            if reasons.is_empty() {
+                "-".into()
+            } else {
+                reasons
+            },
+        ),
         ("leader", yes_no(snap.leader).into()),
         ("database reachable", yes_no(snap.database).into()),
         ("broker connected", yes_no(snap.broker_connected).into()),
-        ("broker blocked", snap.broker_blocked.clone().unwrap_or_else(|| "no".into())),
+        (
+            "broker blocked",
+            snap.broker_blocked.clone().unwrap_or_else(|| "no".into()),
+        ),
         ("pending messages", snap.stats.pending.to_string()),
-        ("oldest pending age (s)", format!("{:.1}", snap.stats.oldest_pending_age_seconds)),
+        (
+            "oldest pending age (s)",
+            format!("{:.1}", snap.stats.oldest_pending_age_seconds),
+        ),
         ("dead messages", snap.stats.dead.to_string()),
     ];
     let body: String = rows
@@ -87,5 +119,7 @@ async fn page(State(s): State<Shared>) -> Html<String> {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -113,7 +113,9 @@ impl TableName {
     /// Validates `name` as a plain identifier (`[A-Za-z_][A-Za-z0-9_]*`, at most 48 bytes).
     pub fn new(name: &str) -> Result<Self> {
         let mut chars = name.chars();
-        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
         let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
         if first_ok && rest_ok && name.len() <= 48 {
             Ok(TableName(name.to_owned()))

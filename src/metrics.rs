@@ -24,15 +24,33 @@ pub const PUBLISH_LATENCY: &str = "outbox_publish_latency_seconds";
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
     describe_gauge!(PENDING, "rows not yet sent and not dead");
-    describe_gauge!(OLDEST_PENDING_AGE, Unit::Seconds, "age of the oldest pending row");
+    describe_gauge!(
+        OLDEST_PENDING_AGE,
+        Unit::Seconds,
+        "age of the oldest pending row"
+    );
     describe_counter!(PUBLISHED, "rows confirmed by the broker and marked sent");
     describe_counter!(PUBLISH_FAILURES, "failed publish attempts by reason");
     describe_gauge!(DEAD, "rows in the dead state");
     describe_gauge!(BROKER_CONNECTED, "an AMQP connection is open");
-    describe_gauge!(BROKER_BLOCKED, "the broker blocks this relay's publishing connection");
+    describe_gauge!(
+        BROKER_BLOCKED,
+        "the broker blocks this relay's publishing connection"
+    );
     describe_gauge!(LEADER, "this relay instance holds the table's leadership");
-    describe_histogram!(PUBLISH_LATENCY, Unit::Seconds, "row creation to broker confirm");
-    for g in [PENDING, OLDEST_PENDING_AGE, DEAD, BROKER_CONNECTED, BROKER_BLOCKED, LEADER] {
+    describe_histogram!(
+        PUBLISH_LATENCY,
+        Unit::Seconds,
+        "row creation to broker confirm"
+    );
+    for g in [
+        PENDING,
+        OLDEST_PENDING_AGE,
+        DEAD,
+        BROKER_CONNECTED,
+        BROKER_BLOCKED,
+        LEADER,
+    ] {
         gauge!(g).set(0.0);
     }
     metrics::counter!(PUBLISHED).absolute(0);

@@ -28,7 +28,12 @@ where
     E: Executor<'c>,
     E::Database: Backend,
 {
-    enqueue_all(executor, &TableName::default(), std::slice::from_ref(message)).await
+    enqueue_all(
+        executor,
+        &TableName::default(),
+        std::slice::from_ref(message),
+    )
+    .await
 }
 
 /// Writes `messages` into `table` in one statement, in order (their ids increase in order).
@@ -65,7 +70,9 @@ impl Backend for sqlx::Postgres {
             .bind(column(|m| m.ordering_key.clone()))
             .bind(column(|m| m.message_type.clone()))
             .bind(column(|m| Some(m.payload.to_string())))
-            .bind(column(|m| Some(serde_json::Value::Object(m.headers.clone()).to_string())))
+            .bind(column(|m| {
+                Some(serde_json::Value::Object(m.headers.clone()).to_string())
+            }))
             .execute(executor)
             .await?;
         Ok(())

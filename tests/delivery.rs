@@ -53,26 +53,46 @@ async fn concurrent_transactions_deliver_committed_rows_once_and_rolled_back_nev
     }
     assert!(!rolled_back.is_empty());
 
-    let received = queue.wait_for(committed.len(), Duration::from_secs(60)).await;
+    let received = queue
+        .wait_for(committed.len(), Duration::from_secs(60))
+        .await;
     let mut seen: HashMap<String, usize> = HashMap::new();
     for m in &received {
         *seen.entry(m.message_id.clone()).or_default() += 1;
     }
     let committed: HashSet<String> = committed.into_iter().collect();
     let delivered: HashSet<String> = seen.keys().cloned().collect();
-    assert_eq!(delivered, committed, "delivered set differs from committed set");
-    assert!(rolled_back.iter().all(|id| !seen.contains_key(id)), "a rolled-back row was published");
-    assert!(seen.values().all(|&n| n == 1), "duplicates without any fault: {seen:?}");
-    eventually("the table to drain", Duration::from_secs(10), || async { db.count("true").await == 0 }).await;
+    assert_eq!(
+        delivered, committed,
+        "delivered set differs from committed set"
+    );
+    assert!(
+        rolled_back.iter().all(|id| !seen.contains_key(id)),
+        "a rolled-back row was published"
+    );
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "duplicates without any fault: {seen:?}"
+    );
+    eventually("the table to drain", Duration::from_secs(10), || async {
+        db.count("true").await == 0
+    })
+    .await;
 }
 
-async fn insert_in(tx: &mut sqlx::PgConnection, routing_key: &str, payload: serde_json::Value) -> String {
-    sqlx::query_scalar("INSERT INTO outbox (routing_key, payload) VALUES ($1, $2) RETURNING message_id::text")
-        .bind(routing_key)
-        .bind(sqlx::types::Json(payload))
-        .fetch_one(tx)
-        .await
-        .unwrap()
+async fn insert_in(
+    tx: &mut sqlx::PgConnection,
+    routing_key: &str,
+    payload: serde_json::Value,
+) -> String {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (routing_key, payload) VALUES ($1, $2) RETURNING message_id::text",
+    )
+    .bind(routing_key)
+    .bind(sqlx::types::Json(payload))
+    .fetch_one(tx)
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,14 +119,23 @@ async fn published_message_carries_the_contract_properties_and_headers() {
     assert_eq!(m.message_id, id);
     assert_eq!(m.routing_key, "order.created");
     assert_eq!(m.body, json!({"order_id": 42, "note": "é"}));
-    assert_eq!(p.content_type().as_ref().map(|s| s.as_str()), Some("application/json"));
+    assert_eq!(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
     assert_eq!(*p.delivery_mode(), Some(2));
     assert_eq!(*p.timestamp(), Some(created as u64));
     assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some("OrderCreated"));
-    assert_eq!(p.app_id().as_ref().map(|s| s.as_str()), Some("order-service"));
+    assert_eq!(
+        p.app_id().as_ref().map(|s| s.as_str()),
+        Some("order-service")
+    );
     let headers = p.headers().clone().expect("headers");
     let h = headers.inner();
-    assert_eq!(h.get("traceparent"), Some(&AMQPValue::LongString("00-abc-def-01".into())));
+    assert_eq!(
+        h.get("traceparent"),
+        Some(&AMQPValue::LongString("00-abc-def-01".into()))
+    );
     assert_eq!(h.get("n"), Some(&AMQPValue::LongLongInt(5)));
     assert_eq!(h.get("f"), Some(&AMQPValue::Double(1.5)));
     assert_eq!(h.get("b"), Some(&AMQPValue::Boolean(true)));
@@ -118,17 +147,31 @@ async fn library_enqueue_commits_with_the_callers_transaction() {
     let queue = TestQueue::new().await;
     let _relay = Relay::start(&db.url, &db.table, &[]);
 
-    let msg = |n: i32| outbox::Message::new(queue.name.clone(), &json!({"n": n})).unwrap().ordering_key("k").message_type("T");
+    let msg = |n: i32| {
+        outbox::Message::new(queue.name.clone(), &json!({"n": n}))
+            .unwrap()
+            .ordering_key("k")
+            .message_type("T")
+    };
     let mut tx = db.pool.begin().await.unwrap();
     outbox::enqueue(&mut *tx, &msg(0)).await.unwrap();
     tx.rollback().await.unwrap();
     let mut tx = db.pool.begin().await.unwrap();
     let batch: Vec<_> = (1..=50).map(msg).collect();
-    outbox::enqueue_all(&mut *tx, &db.table, &batch).await.unwrap();
+    outbox::enqueue_all(&mut *tx, &db.table, &batch)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     let received = queue.wait_for(50, Duration::from_secs(20)).await;
-    let order: Vec<i64> = received.iter().map(|m| m.body["n"].as_i64().unwrap()).collect();
-    assert_eq!(order, (1..=50).collect::<Vec<_>>(), "one key, published in insertion order");
+    let order: Vec<i64> = received
+        .iter()
+        .map(|m| m.body["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        (1..=50).collect::<Vec<_>>(),
+        "one key, published in insertion order"
+    );
     assert_eq!(received[0].message_id, batch[0].message_id.to_string());
 }

@@ -12,7 +12,9 @@ use serde_json::json;
 fn by_key(received: &[Received]) -> BTreeMap<String, Vec<i64>> {
     let mut keys: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for m in received {
-        keys.entry(m.body["key"].as_str().unwrap().to_owned()).or_default().push(m.body["seq"].as_i64().unwrap());
+        keys.entry(m.body["key"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(m.body["seq"].as_i64().unwrap());
     }
     keys
 }
@@ -23,7 +25,11 @@ async fn a_failing_row_holds_back_only_its_key_and_order_survives_the_retry() {
     let queue = TestQueue::new().await;
     let exchange = queue.exchange().await;
     queue.bind(&exchange, "ok").await;
-    let fast_retry = [("OUTBOX_BACKOFF_MIN", "50ms"), ("OUTBOX_BACKOFF_MAX", "200ms"), ("OUTBOX_MAX_ATTEMPTS", "1000")];
+    let fast_retry = [
+        ("OUTBOX_BACKOFF_MIN", "50ms"),
+        ("OUTBOX_BACKOFF_MAX", "200ms"),
+        ("OUTBOX_MAX_ATTEMPTS", "1000"),
+    ];
     let relay = Relay::start(&db.url, &db.table, &fast_retry);
 
     // Key k0 starts with a row nothing is bound for yet; k1..k4 flow freely.
@@ -34,11 +40,17 @@ async fn a_failing_row_holds_back_only_its_key_and_order_survives_the_retry() {
         }
     }
     queue.wait_for(40, Duration::from_secs(30)).await;
-    eventually("k0's head to have failed several times", Duration::from_secs(20), || async {
-        db.count("ordering_key = 'k0' AND attempts >= 3").await == 1
-    })
+    eventually(
+        "k0's head to have failed several times",
+        Duration::from_secs(20),
+        || async { db.count("ordering_key = 'k0' AND attempts >= 3").await == 1 },
+    )
     .await;
-    assert_eq!(by_key(&queue.received()).get("k0"), None, "k0 overtook its failing head");
+    assert_eq!(
+        by_key(&queue.received()).get("k0"),
+        None,
+        "k0 overtook its failing head"
+    );
     let status = outbox_cmd(&db, &["status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["blocked_ordering_keys"], json!(["k0"]));
@@ -49,7 +61,10 @@ async fn a_failing_row_holds_back_only_its_key_and_order_survives_the_retry() {
         assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "order of {key}");
     }
     let unroutable = relay.get("/metrics").await.1;
-    assert!(unroutable.contains("outbox_publish_failures_total{reason=\"unroutable\"}"), "{unroutable}");
+    assert!(
+        unroutable.contains("outbox_publish_failures_total{reason=\"unroutable\"}"),
+        "{unroutable}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,7 +73,11 @@ async fn an_unroutable_row_goes_dead_and_dead_retry_delivers_it_before_its_succe
     let queue = TestQueue::new().await;
     let exchange = queue.exchange().await;
     queue.bind(&exchange, "ok").await;
-    let env = [("OUTBOX_BACKOFF_MIN", "20ms"), ("OUTBOX_BACKOFF_MAX", "50ms"), ("OUTBOX_MAX_ATTEMPTS", "3")];
+    let env = [
+        ("OUTBOX_BACKOFF_MIN", "20ms"),
+        ("OUTBOX_BACKOFF_MAX", "50ms"),
+        ("OUTBOX_MAX_ATTEMPTS", "3"),
+    ];
     let _relay = Relay::start(&db.url, &db.table, &env);
 
     let dead_id = insert_to(&db, &exchange, "nowhere", "a", 0).await;
@@ -69,20 +88,42 @@ async fn an_unroutable_row_goes_dead_and_dead_retry_delivers_it_before_its_succe
         insert_to(&db, &exchange, "ok", "b", seq).await;
     }
     queue.wait_for(20, Duration::from_secs(30)).await;
-    eventually("the unroutable row to be dead", Duration::from_secs(30), || async { db.count("state = 'dead'").await == 1 }).await;
+    eventually(
+        "the unroutable row to be dead",
+        Duration::from_secs(30),
+        || async { db.count("state = 'dead'").await == 1 },
+    )
+    .await;
 
     let list = outbox_cmd(&db, &["dead", "list", "--json"]);
     assert!(list.status.success());
     let dead: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(dead[0]["message_id"], json!(dead_id));
     assert_eq!(dead[0]["ordering_key"], json!("a"));
-    assert_eq!(dead[0]["attempts"], json!(3), "dead after OUTBOX_MAX_ATTEMPTS attempts in all");
-    assert!(dead[0]["last_error"].as_str().unwrap().contains("unroutable"), "{dead}");
-    assert!(by_key(&queue.received()).get("a").is_none(), "a dead row let its key through");
+    assert_eq!(
+        dead[0]["attempts"],
+        json!(3),
+        "dead after OUTBOX_MAX_ATTEMPTS attempts in all"
+    );
+    assert!(
+        dead[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("unroutable"),
+        "{dead}"
+    );
+    assert!(
+        !by_key(&queue.received()).contains_key("a"),
+        "a dead row let its key through"
+    );
 
     queue.bind(&exchange, "nowhere").await;
     let retry = outbox_cmd(&db, &["dead", "retry", &dead_id]);
-    assert!(retry.status.success(), "{}", String::from_utf8_lossy(&retry.stderr));
+    assert!(
+        retry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retry.stderr)
+    );
     let received = queue.wait_for(25, Duration::from_secs(30)).await;
     assert_eq!(by_key(&received)["a"], vec![0, 1, 2, 3, 4]);
     assert_eq!(db.count("state = 'dead'").await, 0);
@@ -92,7 +133,11 @@ async fn an_unroutable_row_goes_dead_and_dead_retry_delivers_it_before_its_succe
 async fn bad_rows_are_contained_missing_exchange_and_nested_headers() {
     let db = TestDb::new().await;
     let queue = TestQueue::new().await;
-    let env = [("OUTBOX_BACKOFF_MIN", "20ms"), ("OUTBOX_BACKOFF_MAX", "50ms"), ("OUTBOX_MAX_ATTEMPTS", "2")];
+    let env = [
+        ("OUTBOX_BACKOFF_MIN", "20ms"),
+        ("OUTBOX_BACKOFF_MAX", "50ms"),
+        ("OUTBOX_MAX_ATTEMPTS", "2"),
+    ];
     let _relay = Relay::start(&db.url, &db.table, &env);
 
     sqlx::query("INSERT INTO outbox (exchange, routing_key, payload) VALUES ('no-such-exchange', 'x', '{}')")
@@ -105,14 +150,27 @@ async fn bad_rows_are_contained_missing_exchange_and_nested_headers() {
         .await
         .unwrap();
     for seq in 0..30 {
-        db.insert(&queue.name, Some("fine"), json!({"key": "fine", "seq": seq})).await;
+        db.insert(
+            &queue.name,
+            Some("fine"),
+            json!({"key": "fine", "seq": seq}),
+        )
+        .await;
     }
     let received = queue.wait_for(30, Duration::from_secs(30)).await;
     assert_eq!(by_key(&received)["fine"], (0..30).collect::<Vec<_>>());
-    eventually("both bad rows to be dead", Duration::from_secs(30), || async { db.count("state = 'dead'").await == 2 }).await;
+    eventually(
+        "both bad rows to be dead",
+        Duration::from_secs(30),
+        || async { db.count("state = 'dead'").await == 2 },
+    )
+    .await;
     let list = outbox_cmd(&db, &["dead", "list", "--json"]);
     let text = String::from_utf8_lossy(&list.stdout);
-    assert!(text.contains("no-such-exchange") && text.contains("deep"), "{text}");
+    assert!(
+        text.contains("no-such-exchange") && text.contains("deep"),
+        "{text}"
+    );
 }
 
 async fn insert_to(db: &TestDb, exchange: &str, routing_key: &str, key: &str, seq: i64) -> String {
@@ -126,4 +184,55 @@ async fn insert_to(db: &TestDb, exchange: &str, routing_key: &str, key: &str, se
     .fetch_one(&db.pool)
     .await
     .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_are_matched_to_their_own_rows_under_a_full_window() {
+    // lapin hands a basic.return to whichever confirm completes next, not to the message
+    // that was returned; the relay must match returns by message id or it marks an
+    // unroutable row sent (a lost message) and a routed one failed.
+    let db = TestDb::new().await;
+    let queue = TestQueue::new().await;
+    let exchange = queue.exchange().await;
+    queue.bind(&exchange, "ok").await;
+    sqlx::query(
+        "INSERT INTO outbox (exchange, routing_key, payload)
+         SELECT $1, CASE WHEN i % 10 = 0 THEN 'nowhere' ELSE 'ok' END, jsonb_build_object('i', i)
+         FROM generate_series(1, 3000) i",
+    )
+    .bind(&exchange)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let unroutable: std::collections::HashSet<String> =
+        sqlx::query_scalar("SELECT message_id::text FROM outbox WHERE routing_key = 'nowhere'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let _relay = Relay::start(&db.url, &db.table, &[("OUTBOX_MAX_ATTEMPTS", "1")]);
+
+    eventually(
+        "every row to be sent or dead",
+        Duration::from_secs(60),
+        || async { db.count("state = 'pending'").await == 0 },
+    )
+    .await;
+    let dead: std::collections::HashSet<String> =
+        sqlx::query_scalar("SELECT message_id::text FROM outbox WHERE state = 'dead'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let lost = unroutable.difference(&dead).count();
+    let wrongly_failed = dead.difference(&unroutable).count();
+    assert_eq!(
+        (lost, wrongly_failed),
+        (0, 0),
+        "unroutable rows marked sent, routed rows marked dead"
+    );
+    let received = queue.wait_for(2700, Duration::from_secs(30)).await;
+    assert!(received.iter().all(|m| !unroutable.contains(&m.message_id)));
 }

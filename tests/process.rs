@@ -15,7 +15,10 @@ use tokio::net::{TcpListener, TcpStream};
 async fn one_of_two_relays_leads_and_the_other_takes_over_after_sigkill() {
     let db = TestDb::new().await;
     let queue = TestQueue::new().await;
-    let mut relays = vec![Relay::start(&db.url, &db.table, &[]), Relay::start(&db.url, &db.table, &[])];
+    let mut relays = [
+        Relay::start(&db.url, &db.table, &[]),
+        Relay::start(&db.url, &db.table, &[]),
+    ];
 
     eventually("one relay to lead", Duration::from_secs(20), || async {
         relays[0].is_leader().await || relays[1].is_leader().await
@@ -39,13 +42,24 @@ async fn one_of_two_relays_leads_and_the_other_takes_over_after_sigkill() {
     for seq in 100..200 {
         ids.insert(db.insert(&queue.name, Some("k"), json!({"seq": seq})).await);
     }
-    eventually("the standby to take over", Duration::from_secs(10), || async { relays[standby].is_leader().await }).await;
+    eventually(
+        "the standby to take over",
+        Duration::from_secs(10),
+        || async { relays[standby].is_leader().await },
+    )
+    .await;
     let takeover = killed.elapsed();
     let received = queue.wait_for(200, Duration::from_secs(30)).await;
     let delivered: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
     assert_eq!(delivered, ids);
-    let seqs: Vec<i64> = received.iter().map(|m| m.body["seq"].as_i64().unwrap()).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "order of key k broken across failover");
+    let seqs: Vec<i64> = received
+        .iter()
+        .map(|m| m.body["seq"].as_i64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "order of key k broken across failover"
+    );
     println!("takeover after SIGKILL: {takeover:?}");
 }
 
@@ -61,20 +75,46 @@ async fn sigkill_in_the_middle_of_a_backlog_loses_nothing() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let all: HashSet<String> = sqlx::query_scalar("SELECT message_id::text FROM outbox").fetch_all(&db.pool).await.unwrap().into_iter().collect();
+    let all: HashSet<String> = sqlx::query_scalar("SELECT message_id::text FROM outbox")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
 
     let mut relay = Relay::start(&db.url, &db.table, &[("OUTBOX_BATCH_SIZE", "200")]);
-    eventually("a part of the backlog to be delivered", Duration::from_secs(30), || async { queue.count() >= 1000 }).await;
+    eventually(
+        "a part of the backlog to be delivered",
+        Duration::from_secs(30),
+        || async { queue.count() >= 1000 },
+    )
+    .await;
     relay.kill9();
     let at_kill = queue.count();
-    assert!(at_kill < 20000, "the relay finished before it could be killed");
+    assert!(
+        at_kill < 20000,
+        "the relay finished before it could be killed"
+    );
     let _relay = Relay::start(&db.url, &db.table, &[]);
 
-    eventually("every row to be delivered", Duration::from_secs(120), || async {
-        queue.received().iter().map(|m| m.message_id.clone()).collect::<HashSet<_>>().len() == all.len()
+    eventually(
+        "every row to be delivered",
+        Duration::from_secs(120),
+        || async {
+            queue
+                .received()
+                .iter()
+                .map(|m| m.message_id.clone())
+                .collect::<HashSet<_>>()
+                .len()
+                == all.len()
+        },
+    )
+    .await;
+    eventually("the table to drain", Duration::from_secs(10), || async {
+        db.count("true").await == 0
     })
     .await;
-    eventually("the table to drain", Duration::from_secs(10), || async { db.count("true").await == 0 }).await;
     let received = queue.received();
     let delivered: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
     assert_eq!(delivered, all);
@@ -85,10 +125,16 @@ async fn sigkill_in_the_middle_of_a_backlog_loses_nothing() {
         if first.insert(m.message_id.clone()) {
             let seq = m.body["seq"].as_i64().unwrap();
             let prev = last_seq.insert(m.body["key"].as_str().unwrap().to_owned(), seq);
-            assert!(prev.is_none_or(|p| p < seq), "key order broken at seq {seq}");
+            assert!(
+                prev.is_none_or(|p| p < seq),
+                "key order broken at seq {seq}"
+            );
         }
     }
-    println!("killed after {at_kill} deliveries; {} duplicates after restart", received.len() - all.len());
+    println!(
+        "killed after {at_kill} deliveries; {} duplicates after restart",
+        received.len() - all.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,20 +146,42 @@ async fn sigterm_stops_claiming_drains_and_exits_0() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let all: HashSet<String> = sqlx::query_scalar("SELECT message_id::text FROM outbox").fetch_all(&db.pool).await.unwrap().into_iter().collect();
+    let all: HashSet<String> = sqlx::query_scalar("SELECT message_id::text FROM outbox")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     let mut relay = Relay::start(&db.url, &db.table, &[]);
-    eventually("a part of the backlog to be delivered", Duration::from_secs(30), || async { queue.count() >= 500 }).await;
+    eventually(
+        "a part of the backlog to be delivered",
+        Duration::from_secs(30),
+        || async { queue.count() >= 500 },
+    )
+    .await;
     let status = relay.terminate();
     assert_eq!(status.code(), Some(0), "{}", relay.log_text());
 
-    let remaining: HashSet<String> = sqlx::query_scalar("SELECT message_id::text FROM outbox").fetch_all(&db.pool).await.unwrap().into_iter().collect();
-    assert!(!remaining.is_empty(), "the relay drained everything before the signal");
+    let remaining: HashSet<String> = sqlx::query_scalar("SELECT message_id::text FROM outbox")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(
+        !remaining.is_empty(),
+        "the relay drained everything before the signal"
+    );
     // Every row marked sent (deleted) had been confirmed, so it must reach the queue.
     let marked: Vec<&String> = all.difference(&remaining).collect();
-    eventually("every marked row to be in the queue", Duration::from_secs(10), || async {
-        let got: HashSet<String> = queue.received().into_iter().map(|m| m.message_id).collect();
-        marked.iter().all(|id| got.contains(*id))
-    })
+    eventually(
+        "every marked row to be in the queue",
+        Duration::from_secs(10),
+        || async {
+            let got: HashSet<String> = queue.received().into_iter().map(|m| m.message_id).collect();
+            marked.iter().all(|id| got.contains(*id))
+        },
+    )
     .await;
 }
 
@@ -122,7 +190,10 @@ async fn bad_configuration_exits_2_naming_each_variable_without_passwords() {
     let out = outbox_bin()
         .arg("relay")
         .env("DATABASE_URL", "postgres://app:db-s3cret@127.0.0.1:5432/x")
-        .env("AMQP_URL", "amqp://app:mq-hunter2@127.0.0.1:5672/%2f,http://app:mq-hunter2@x")
+        .env(
+            "AMQP_URL",
+            "amqp://app:mq-hunter2@127.0.0.1:5672/%2f,http://app:mq-hunter2@x",
+        )
         .env("OUTBOX_BATCH_SIZE", "lots")
         .env("OUTBOX_TABLE", "outbox; DROP TABLE x")
         .output()
@@ -130,14 +201,28 @@ async fn bad_configuration_exits_2_naming_each_variable_without_passwords() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     for name in ["AMQP_URL", "OUTBOX_BATCH_SIZE", "OUTBOX_TABLE"] {
-        assert!(stderr.lines().any(|l| l.contains(name)), "{name} not named: {stderr}");
+        assert!(
+            stderr.lines().any(|l| l.contains(name)),
+            "{name} not named: {stderr}"
+        );
     }
-    assert!(!stderr.contains("s3cret") && !stderr.contains("hunter2"), "password printed: {stderr}");
+    assert!(
+        !stderr.contains("s3cret") && !stderr.contains("hunter2"),
+        "password printed: {stderr}"
+    );
 
-    let missing = outbox_bin().arg("relay").env_remove("DATABASE_URL").env_remove("AMQP_URL").output().unwrap();
+    let missing = outbox_bin()
+        .arg("relay")
+        .env_remove("DATABASE_URL")
+        .env_remove("AMQP_URL")
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&missing.stderr);
-    assert!(stderr.contains("DATABASE_URL") && stderr.contains("AMQP_URL"), "{stderr}");
+    assert!(
+        stderr.contains("DATABASE_URL") && stderr.contains("AMQP_URL"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,17 +232,33 @@ async fn a_database_down_at_start_is_retried_and_reported_not_ready() {
     // The relay's database address answers nothing until the test opens a proxy there.
     let port = free_port();
     // Trust authentication ignores the password: it is there to prove it is never logged.
-    let url = db.url.replace("postgres@127.0.0.1:5432", &format!("postgres:pw-s3cret@127.0.0.1:{port}"));
+    let url = db.url.replace(
+        "postgres@127.0.0.1:5432",
+        &format!("postgres:pw-s3cret@127.0.0.1:{port}"),
+    );
     assert_ne!(url, db.url, "test server URL must be on 127.0.0.1:5432");
     let mut relay = Relay::start(&url, &db.table, &[]);
 
-    eventually("/healthz to answer", Duration::from_secs(20), || async { relay.get("/healthz").await.0 == 200 }).await;
+    eventually("/healthz to answer", Duration::from_secs(20), || async {
+        relay.get("/healthz").await.0 == 200
+    })
+    .await;
     let (code, body) = relay.get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("database unreachable"), "{body}");
-    assert!(relay.child.try_wait().unwrap().is_none(), "the relay exited: {}", relay.log_text());
-    assert!(relay.log_text().contains("postgres:***@"), "log does not show the redacted URL");
-    assert!(!relay.log_text().contains("pw-s3cret"), "log shows the password");
+    assert!(
+        relay.child.try_wait().unwrap().is_none(),
+        "the relay exited: {}",
+        relay.log_text()
+    );
+    assert!(
+        relay.log_text().contains("postgres:***@"),
+        "log does not show the redacted URL"
+    );
+    assert!(
+        !relay.log_text().contains("pw-s3cret"),
+        "log shows the password"
+    );
 
     let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     tokio::spawn(async move {
@@ -169,8 +270,13 @@ async fn a_database_down_at_start_is_retried_and_reported_not_ready() {
             });
         }
     });
-    let id = db.insert(&queue.name, None, json!({"after": "outage"})).await;
-    eventually("/readyz to turn 200", Duration::from_secs(30), || async { relay.get("/readyz").await.0 == 200 }).await;
+    let id = db
+        .insert(&queue.name, None, json!({"after": "outage"}))
+        .await;
+    eventually("/readyz to turn 200", Duration::from_secs(30), || async {
+        relay.get("/readyz").await.0 == 200
+    })
+    .await;
     let m = queue.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(m[0].message_id, id);
 }

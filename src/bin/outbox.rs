@@ -15,7 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "outbox", version, about = "Transactional outbox relay to RabbitMQ")]
+#[command(
+    name = "outbox",
+    version,
+    about = "Transactional outbox relay to RabbitMQ"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,19 +64,23 @@ enum DeadAction {
 }
 
 /// Latency buckets, in seconds, for `outbox_publish_latency_seconds`.
-const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut errors = Vec::new();
-    let filter = EnvFilter::try_from_default_env().or_else(|e| match std::env::var_os("RUST_LOG") {
-        Some(_) => {
-            errors.push(format!("RUST_LOG: invalid log filter ({e})"));
-            Err(e)
-        }
-        None => Ok(EnvFilter::new("info,sqlx=warn")),
-    });
-    let config = Config::from_env(matches!(cli.command, Command::Relay)).map_err(|e| errors.extend(e));
+    let filter =
+        EnvFilter::try_from_default_env().or_else(|e| match std::env::var_os("RUST_LOG") {
+            Some(_) => {
+                errors.push(format!("RUST_LOG: invalid log filter ({e})"));
+                Err(e)
+            }
+            None => Ok(EnvFilter::new("info,sqlx=warn")),
+        });
+    let config =
+        Config::from_env(matches!(cli.command, Command::Relay)).map_err(|e| errors.extend(e));
     let (Ok(filter), Ok(config)) = (filter, config) else {
         for line in errors {
             eprintln!("outbox: bad configuration: {line}");
@@ -84,7 +92,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -95,7 +106,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
-    let opts = StoreOptions { table: config.table.clone(), retention: config.retention };
+    let opts = StoreOptions {
+        table: config.table.clone(),
+        retention: config.retention,
+    };
     let scheme = config.database_url.split("://").next().unwrap_or_default();
     match scheme {
         "postgres" | "postgresql" => {
@@ -121,12 +135,20 @@ async fn execute(command: Command, store: impl Store, config: Config) -> anyhow:
             Ok(())
         }
         Command::Status { json } => status(store, json).await,
-        Command::Dead { action: DeadAction::List { json } } => dead_list(store, json).await,
-        Command::Dead { action: DeadAction::Retry { all, message_ids } } => {
+        Command::Dead {
+            action: DeadAction::List { json },
+        } => dead_list(store, json).await,
+        Command::Dead {
+            action: DeadAction::Retry { all, message_ids },
+        } => {
             for id in &message_ids {
-                uuid::Uuid::parse_str(id).with_context(|| format!("{id:?} is not a message id (a UUID)"))?;
+                uuid::Uuid::parse_str(id)
+                    .with_context(|| format!("{id:?} is not a message id (a UUID)"))?;
             }
-            let n = store.dead_retry((!all).then_some(&message_ids[..])).await.context("dead retry failed")?;
+            let n = store
+                .dead_retry((!all).then_some(&message_ids[..]))
+                .await
+                .context("dead retry failed")?;
             println!("{n} dead row(s) put back to pending");
             Ok(())
         }
@@ -135,7 +157,10 @@ async fn execute(command: Command, store: impl Store, config: Config) -> anyhow:
 
 async fn relay(store: impl Store, config: Config) -> anyhow::Result<()> {
     let prometheus = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(outbox::metrics::PUBLISH_LATENCY.into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(outbox::metrics::PUBLISH_LATENCY.into()),
+            LATENCY_BUCKETS,
+        )?
         .install_recorder()
         .context("metrics recorder")?;
     outbox::metrics::describe();
@@ -151,9 +176,16 @@ async fn relay(store: impl Store, config: Config) -> anyhow::Result<()> {
     });
     let http = match config.relay.http_addr {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("OUTBOX_HTTP_ADDR: cannot listen on {addr}"))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("OUTBOX_HTTP_ADDR: cannot listen on {addr}"))?;
             tracing::info!(%addr, "HTTP endpoints listening");
-            Some(tokio::spawn(outbox::http::serve(listener, health.clone(), prometheus, shutdown.clone())))
+            Some(tokio::spawn(outbox::http::serve(
+                listener,
+                health.clone(),
+                prometheus,
+                shutdown.clone(),
+            )))
         }
         None => None,
     };
@@ -180,22 +212,38 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 
 async fn status(store: impl Store, json: bool) -> anyhow::Result<()> {
     let stats = store.stats().await.context("reading the outbox table")?;
-    let blocked = store.blocked_keys().await.context("reading the outbox table")?;
+    let blocked = store
+        .blocked_keys()
+        .await
+        .context("reading the outbox table")?;
     if json {
         let mut v = serde_json::to_value(&stats)?;
         v["blocked_ordering_keys"] = blocked.into();
         println!("{v}");
     } else {
         println!("pending:               {}", stats.pending);
-        println!("oldest pending age:    {:.1}s", stats.oldest_pending_age_seconds);
+        println!(
+            "oldest pending age:    {:.1}s",
+            stats.oldest_pending_age_seconds
+        );
         println!("dead:                  {}", stats.dead);
-        println!("blocked ordering keys: {}", if blocked.is_empty() { "none".into() } else { blocked.join(", ") });
+        println!(
+            "blocked ordering keys: {}",
+            if blocked.is_empty() {
+                "none".into()
+            } else {
+                blocked.join(", ")
+            }
+        );
     }
     Ok(())
 }
 
 async fn dead_list(store: impl Store, json: bool) -> anyhow::Result<()> {
-    let rows = store.dead_list().await.context("reading the outbox table")?;
+    let rows = store
+        .dead_list()
+        .await
+        .context("reading the outbox table")?;
     if json {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());

@@ -1,7 +1,10 @@
 //! The AMQP side: connecting over a list of cluster nodes, a confirm-mode channel, publishes
 //! that resolve to "confirmed and routed" or a reason, and the broker's blocked events.
 
+mod pipeline;
 mod properties;
+
+pub use pipeline::{Outcome, Pipeline};
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -55,7 +58,9 @@ impl std::fmt::Display for PublishError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PublishError::Nack => f.write_str("nacked by the broker"),
-            PublishError::Unroutable(text) => write!(f, "unroutable: returned by the broker ({text})"),
+            PublishError::Unroutable(text) => {
+                write!(f, "unroutable: returned by the broker ({text})")
+            }
             PublishError::Rejected(text) => write!(f, "rejected by the broker: {text}"),
             PublishError::Timeout => f.write_str("no publisher confirm before the timeout"),
             PublishError::Connection(text) => write!(f, "connection lost: {text}"),
@@ -82,7 +87,11 @@ impl Nodes {
 
     /// Tries every node once, starting with the one after the last connected; returns the
     /// first publisher that opens.
-    pub async fn connect(&mut self, timeout: Duration, health: &Arc<Health>) -> Result<Arc<Publisher>, String> {
+    pub async fn connect(
+        &mut self,
+        timeout: Duration,
+        health: &Arc<Health>,
+    ) -> Result<Arc<Publisher>, String> {
         let mut last_error = String::new();
         for _ in 0..self.urls.len() {
             let at = self.next;
@@ -116,13 +125,17 @@ pub struct Publisher {
 
 impl Publisher {
     async fn open(url: &str, health: Arc<Health>) -> Result<Arc<Self>, lapin::Error> {
-        let mut uri: AMQPUri = url.parse().map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
+        let mut uri: AMQPUri = url
+            .parse()
+            .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
         uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
         let conn = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
         let events = conn.events_listener();
         tokio::spawn(watch_events(events, health));
         let channel = conn.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Arc::new(Publisher {
             conn,
             channel,
@@ -141,48 +154,92 @@ impl Publisher {
         let _ = self.conn.close(200, "outbox relay stopping".into()).await;
     }
 
-    /// Publishes `row` as the contract maps it, and waits for its confirm up to `timeout`.
-    pub async fn publish(&self, row: &OutboxRow, app_id: Option<&str>, timeout: Duration) -> Result<(), PublishError> {
+    /// Publishes `row` as the contract maps it and waits for its confirm up to `timeout`.
+    ///
+    /// A returned message rides on the confirmation, but lapin attaches it to whichever
+    /// confirm completes next, not necessarily this row's: [`Pipeline`] matches returns to
+    /// rows by message id.
+    async fn publish(
+        &self,
+        row: &OutboxRow,
+        app_id: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Confirmation, PublishError> {
         let props = properties::properties(row, app_id).map_err(PublishError::BadRow)?;
         self.check_exchange(&row.exchange).await?;
-        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
         let confirm = async {
             self.channel
-                .basic_publish(row.exchange.as_str().into(), row.routing_key.as_str().into(), options, row.payload.as_bytes(), props)
+                .basic_publish(
+                    row.exchange.as_str().into(),
+                    row.routing_key.as_str().into(),
+                    options,
+                    row.payload.as_bytes(),
+                    props,
+                )
                 .await?
                 .await
         };
         match tokio::time::timeout(timeout, confirm).await {
             Err(_) => Err(PublishError::Timeout),
             Ok(Err(e)) => Err(PublishError::Connection(e.to_string())),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Unroutable(returned.reply_text.to_string())),
-            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nack),
-            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Connection("confirms are off".into())),
+            Ok(Ok(confirmation)) => Ok(confirmation),
         }
     }
 
     /// Publishing to a missing exchange would close the shared channel and fail every row in
     /// flight; a passive declare on a side channel blames only the rows that target it.
     async fn check_exchange(&self, exchange: &str) -> Result<(), PublishError> {
-        if exchange.is_empty() || self.known_exchanges.lock().expect("exchanges lock").contains(exchange) {
+        if exchange.is_empty()
+            || self
+                .known_exchanges
+                .lock()
+                .expect("exchanges lock")
+                .contains(exchange)
+        {
             return Ok(());
         }
         let mut check = self.check.lock().await;
-        if self.known_exchanges.lock().expect("exchanges lock").contains(exchange) {
+        if self
+            .known_exchanges
+            .lock()
+            .expect("exchanges lock")
+            .contains(exchange)
+        {
             return Ok(());
         }
         let channel = match check.as_ref().filter(|c| c.status().connected()) {
             Some(channel) => channel.clone(),
             None => {
-                let channel = self.conn.create_channel().await.map_err(|e| PublishError::Connection(e.to_string()))?;
+                let channel = self
+                    .conn
+                    .create_channel()
+                    .await
+                    .map_err(|e| PublishError::Connection(e.to_string()))?;
                 check.insert(channel).clone()
             }
         };
-        let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
-        match channel.exchange_declare(exchange.into(), ExchangeKind::Direct, passive, FieldTable::default()).await {
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Direct,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+        {
             Ok(()) => {
-                self.known_exchanges.lock().expect("exchanges lock").insert(exchange.to_owned());
+                self.known_exchanges
+                    .lock()
+                    .expect("exchanges lock")
+                    .insert(exchange.to_owned());
                 Ok(())
             }
             Err(e) if e.is_amqp_soft_error() => Err(PublishError::Rejected(e.to_string())),
@@ -192,7 +249,10 @@ impl Publisher {
 }
 
 /// Mirrors the connection's blocked/unblocked events into `health` until it closes.
-async fn watch_events(events: impl futures_util::Stream<Item = Event> + Send + 'static, health: Arc<Health>) {
+async fn watch_events(
+    events: impl futures_util::Stream<Item = Event> + Send + 'static,
+    health: Arc<Health>,
+) {
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
         match event {

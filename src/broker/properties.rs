@@ -58,7 +58,9 @@ pub(crate) fn headers(json: &str) -> Result<FieldTable, String> {
                 None => AMQPValue::Double(n.as_f64().unwrap_or(f64::NAN)),
             },
             Value::Null | Value::Array(_) | Value::Object(_) => {
-                return Err(format!("header {name:?}: only string, number and bool values are allowed"));
+                return Err(format!(
+                    "header {name:?}: only string, number and bool values are allowed"
+                ));
             }
         };
         table.insert(ShortString::from(name), value);

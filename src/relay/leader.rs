@@ -1,9 +1,9 @@
 //! The leader's loop: claim -> publish -> confirm -> mark.
 //!
 //! Claims are plain reads ([`Store::claim`]); which rows are in flight lives here, in memory,
-//! because only the leader publishes. Each publish runs as its own task that waits for its
-//! confirm (with a timeout) and reports an [`Outcome`]; a semaphore bounds the unconfirmed
-//! publishes. Outcomes are marked in one transaction per loop turn, and a row leaves the
+//! because only the leader publishes. Claimed rows go to the connection's [`Pipeline`],
+//! which publishes them, waits for their confirms (with a timeout) and reports an
+//! [`Outcome`] each; a semaphore bounds the unconfirmed publishes. Outcomes are marked in one transaction per loop turn, and a row leaves the
 //! in-flight set only once its mark is committed, so it is never claimed twice.
 //!
 //! Order per key: the claim never returns a row whose key has an earlier unsent row, and an
@@ -18,20 +18,11 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Nodes, PublishError, Publisher};
+use crate::Health;
+use crate::broker::{Nodes, Outcome, Pipeline, PublishError, Publisher};
 use crate::config::RelayConfig;
-use crate::message::OutboxRow;
 use crate::metrics as m;
 use crate::store::{Failure, Store};
-use crate::Health;
-
-/// What one publish task reports.
-pub(super) struct Outcome {
-    /// The row it published.
-    row: OutboxRow,
-    /// Confirmed and routed, or why not.
-    result: Result<(), PublishError>,
-}
 
 /// The state of one leadership term.
 pub(super) struct Leader<S> {
@@ -45,8 +36,8 @@ pub(super) struct Leader<S> {
     wake: Arc<Notify>,
     /// The broker's nodes, tried in turn.
     nodes: Nodes,
-    /// The open publishing connection, if any.
-    publisher: Option<Arc<Publisher>>,
+    /// The open publishing connection and its publish task, if any.
+    publisher: Option<(Arc<Publisher>, Pipeline)>,
     /// Rows claimed and not yet marked: never claimed again while here.
     in_flight: HashSet<i64>,
     /// Bounds unconfirmed publishes to `OUTBOX_MAX_IN_FLIGHT`.
@@ -62,7 +53,12 @@ pub(super) struct Leader<S> {
 }
 
 impl<S: Store> Leader<S> {
-    pub(super) fn new(store: S, config: RelayConfig, health: Arc<Health>, wake: Arc<Notify>) -> Self {
+    pub(super) fn new(
+        store: S,
+        config: RelayConfig,
+        health: Arc<Health>,
+        wake: Arc<Notify>,
+    ) -> Self {
         let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
         Leader {
             nodes: Nodes::new(config.amqp_urls.clone()),
@@ -105,7 +101,7 @@ impl<S: Store> Leader<S> {
 
     /// The publisher is open; a broken one is dropped (its rows come back as connection failures).
     fn connected(&mut self) -> bool {
-        if self.publisher.as_ref().is_some_and(|p| !p.is_open()) {
+        if self.publisher.as_ref().is_some_and(|(p, _)| !p.is_open()) {
             tracing::warn!("broker connection lost: reconnecting");
             self.publisher = None;
             self.health.set_broker_connected(false);
@@ -115,10 +111,24 @@ impl<S: Store> Leader<S> {
     }
 
     /// One pass over the nodes; on failure waits the next backoff step. Returns whether connected.
-    async fn connect(&mut self, backoff: &mut impl Iterator<Item = Duration>, stop: &CancellationToken) -> bool {
-        match self.nodes.connect(self.config.connect_timeout, &self.health).await {
+    async fn connect(
+        &mut self,
+        backoff: &mut impl Iterator<Item = Duration>,
+        stop: &CancellationToken,
+    ) -> bool {
+        match self
+            .nodes
+            .connect(self.config.connect_timeout, &self.health)
+            .await
+        {
             Ok(publisher) => {
-                self.publisher = Some(publisher);
+                let pipeline = Pipeline::start(
+                    publisher.clone(),
+                    self.config.app_id.clone(),
+                    self.config.confirm_timeout,
+                    self.outcomes_tx.clone(),
+                );
+                self.publisher = Some((publisher, pipeline));
                 self.health.set_blocked(None);
                 self.health.set_broker_connected(true);
                 true
@@ -135,9 +145,12 @@ impl<S: Store> Leader<S> {
         }
     }
 
-    /// Claims what the window allows and starts a publish task per row; returns (claimed, limit).
+    /// Claims what the window allows and hands the rows to the publish task; returns
+    /// (claimed, limit).
     async fn claim_and_publish(&mut self) -> (usize, usize) {
-        let Some(publisher) = self.publisher.clone() else { return (0, 0) };
+        let Some((_, pipeline)) = &self.publisher else {
+            return (0, 0);
+        };
         if self.health.blocked().is_some() {
             return (0, 0);
         }
@@ -156,15 +169,13 @@ impl<S: Store> Leader<S> {
         self.health.set_database_ok(true);
         let claimed = rows.len();
         for row in rows {
-            let permit = self.window.clone().try_acquire_owned().expect("claim is bounded by free permits");
+            let permit = self
+                .window
+                .clone()
+                .try_acquire_owned()
+                .expect("claim is bounded by free permits");
             self.in_flight.insert(row.id);
-            let (publisher, tx) = (publisher.clone(), self.outcomes_tx.clone());
-            let (app_id, timeout) = (self.config.app_id.clone(), self.config.confirm_timeout);
-            tokio::spawn(async move {
-                let result = publisher.publish(&row, app_id.as_deref(), timeout).await;
-                drop(permit);
-                let _ = tx.send(Outcome { row, result });
-            });
+            pipeline.publish(row, permit);
         }
         (claimed, limit)
     }
@@ -191,7 +202,10 @@ impl<S: Store> Leader<S> {
     fn record(&mut self, Outcome { row, result }: Outcome) {
         let error = match result {
             Ok(()) => {
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
                 metrics::histogram!(m::PUBLISH_LATENCY).record((now - row.created_at).max(0.0));
                 self.sent.push(row.id);
                 return;
@@ -227,12 +241,20 @@ impl<S: Store> Leader<S> {
         if self.sent.is_empty() && self.failed.is_empty() {
             return true;
         }
-        if let Err(e) = self.store.mark(&self.sent, &self.failed, self.config.max_attempts).await {
+        if let Err(e) = self
+            .store
+            .mark(&self.sent, &self.failed, self.config.max_attempts)
+            .await
+        {
             self.database_failed(&e);
             return false;
         }
         metrics::counter!(m::PUBLISHED).increment(self.sent.len() as u64);
-        for id in self.sent.drain(..).chain(self.failed.drain(..).map(|f| f.id)) {
+        for id in self
+            .sent
+            .drain(..)
+            .chain(self.failed.drain(..).map(|f| f.id))
+        {
             self.in_flight.remove(&id);
         }
         true
@@ -256,12 +278,18 @@ impl<S: Store> Leader<S> {
         self.collect();
         let outstanding = self.config.max_in_flight - self.window.available_permits();
         if !self.flush().await {
-            tracing::warn!(rows = self.sent.len() + self.failed.len(), "could not record the last confirms: those rows will be published again");
+            tracing::warn!(
+                rows = self.sent.len() + self.failed.len(),
+                "could not record the last confirms: those rows will be published again"
+            );
         }
         if outstanding > 0 {
-            tracing::warn!(rows = outstanding, "stopped with publishes unconfirmed: those rows stay pending and will be published again");
+            tracing::warn!(
+                rows = outstanding,
+                "stopped with publishes unconfirmed: those rows stay pending and will be published again"
+            );
         }
-        if let Some(publisher) = self.publisher.take() {
+        if let Some((publisher, _)) = self.publisher.take() {
             publisher.close().await;
         }
         self.health.set_broker_connected(false);

@@ -13,9 +13,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::Health;
 use crate::config::RelayConfig;
 use crate::store::{Lease, Store};
-use crate::Health;
 
 /// Rows deleted per retention statement: bounded, so no purge holds locks for long.
 const PURGE_BATCH: i64 = 1000;
@@ -24,8 +24,17 @@ const PURGE_BATCH: i64 = 1000;
 ///
 /// A database or broker that is down is not an error: the relay retries and `health` says
 /// what is missing.
-pub async fn run<S: Store>(store: S, config: RelayConfig, health: Arc<Health>, shutdown: CancellationToken) {
-    let figures = tokio::spawn(refresh_stats(store.clone(), health.clone(), shutdown.clone()));
+pub async fn run<S: Store>(
+    store: S,
+    config: RelayConfig,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let figures = tokio::spawn(refresh_stats(
+        store.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
     let mut reported_down = false;
     while !shutdown.is_cancelled() {
         match store.try_lead().await {
@@ -49,14 +58,25 @@ pub async fn run<S: Store>(store: S, config: RelayConfig, health: Arc<Health>, s
 }
 
 /// Holds leadership while the publish loop runs; returns when shutdown comes or the lease is lost.
-async fn lead<S: Store>(store: &S, config: &RelayConfig, health: &Arc<Health>, lease: S::Lease, shutdown: &CancellationToken) {
+async fn lead<S: Store>(
+    store: &S,
+    config: &RelayConfig,
+    health: &Arc<Health>,
+    lease: S::Lease,
+    shutdown: &CancellationToken,
+) {
     tracing::info!("leading: this relay publishes the table");
     health.set_leader(true);
     let stop = shutdown.child_token();
     let lost = CancellationToken::new();
     let wake = Arc::new(Notify::new());
     let helpers = [
-        tokio::spawn(keep_lease(lease, config.leader_check, lost.clone(), stop.clone())),
+        tokio::spawn(keep_lease(
+            lease,
+            config.leader_check,
+            lost.clone(),
+            stop.clone(),
+        )),
         tokio::spawn(purge_sent(store.clone(), stop.clone())),
         tokio::spawn({
             let (store, wake, stop) = (store.clone(), wake.clone(), stop.clone());
@@ -68,7 +88,9 @@ async fn lead<S: Store>(store: &S, config: &RelayConfig, health: &Arc<Health>, l
             }
         }),
     ];
-    leader::Leader::new(store.clone(), config.clone(), health.clone(), wake).run(&stop).await;
+    leader::Leader::new(store.clone(), config.clone(), health.clone(), wake)
+        .run(&stop)
+        .await;
     if lost.is_cancelled() {
         tracing::error!("leadership lost (its database connection is gone): publishing stopped");
     }
@@ -81,7 +103,12 @@ async fn lead<S: Store>(store: &S, config: &RelayConfig, health: &Arc<Health>, l
 
 /// Checks the lease every `every`; when it is gone, cancels `lost` and `stop`. Dropping the
 /// lease at the end (when `stop` is cancelled) releases leadership.
-async fn keep_lease<L: Lease>(mut lease: L, every: Duration, lost: CancellationToken, stop: CancellationToken) {
+async fn keep_lease<L: Lease>(
+    mut lease: L,
+    every: Duration,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -115,8 +142,14 @@ async fn refresh_stats<S: Store>(store: S, health: Arc<Health>, shutdown: Cancel
     }
 }
 
-/// Deletes sent rows past the retention, a bounded batch per statement.
+/// Deletes sent rows past the retention, a bounded batch per statement, every half
+/// retention (between 1 s and 1 min). Nothing to do when sent rows are deleted at once.
 async fn purge_sent<S: Store>(store: S, stop: CancellationToken) {
+    let retention = store.options().retention;
+    if retention.is_zero() {
+        return;
+    }
+    let every = (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         let mut deleted = PURGE_BATCH;
         while deleted == PURGE_BATCH && !stop.is_cancelled() {
@@ -129,7 +162,7 @@ async fn purge_sent<S: Store>(store: S, stop: CancellationToken) {
             };
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
     }

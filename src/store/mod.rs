@@ -84,6 +84,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Held by the one relay that publishes.
     type Lease: Lease;
 
+    /// The table and retention this store works with.
+    fn options(&self) -> &StoreOptions;
+
     /// Applies the schema; returns the migrations applied now (none on a second run).
     fn migrate(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
 
@@ -120,7 +123,10 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Puts dead rows (all, or those with these message ids) back to pending with their
     /// attempts reset; returns how many.
-    fn dead_retry(&self, message_ids: Option<&[String]>) -> impl Future<Output = Result<u64>> + Send;
+    fn dead_retry(
+        &self,
+        message_ids: Option<&[String]>,
+    ) -> impl Future<Output = Result<u64>> + Send;
 
     /// Runs until dropped, calling `wake.notify_one()` when new rows are committed.
     /// A backend without notifications returns at once: polling covers it.

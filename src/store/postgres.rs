@@ -10,8 +10,8 @@ use tokio::sync::Notify;
 
 use super::migrate::{Migration, history_table, render};
 use super::{DeadRow, Failure, Lease, Stats, Store, StoreOptions};
-use crate::message::OutboxRow;
 use crate::Result;
+use crate::message::OutboxRow;
 
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
@@ -148,12 +148,19 @@ pub struct PgLease {
 impl Lease for PgLease {
     async fn alive(&mut self) -> bool {
         let ping = sqlx::query("SELECT 1").execute(&mut self.conn);
-        matches!(tokio::time::timeout(Duration::from_secs(3), ping).await, Ok(Ok(_)))
+        matches!(
+            tokio::time::timeout(Duration::from_secs(3), ping).await,
+            Ok(Ok(_))
+        )
     }
 }
 
 impl Store for PgStore {
     type Lease = PgLease;
+
+    fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
 
     async fn migrate(&self) -> Result<Vec<String>> {
         let history = history_table(&self.opts.table);
@@ -194,11 +201,10 @@ impl Store for PgStore {
 
     async fn try_lead(&self) -> Result<Option<PgLease>> {
         let mut conn = self.dedicated_connection().await?;
-        let got: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(format!("outbox relay {}", self.opts.table))
-                .fetch_one(&mut conn)
-                .await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+            .bind(format!("outbox relay {}", self.opts.table))
+            .fetch_one(&mut conn)
+            .await?;
         Ok(got.then_some(PgLease { conn }))
     }
 
@@ -213,12 +219,18 @@ impl Store for PgStore {
     async fn mark(&self, sent: &[i64], failed: &[Failure], max_attempts: u32) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         if !sent.is_empty() {
-            sqlx::query(self.sql.sent.clone()).bind(sent).execute(&mut *tx).await?;
+            sqlx::query(self.sql.sent.clone())
+                .bind(sent)
+                .execute(&mut *tx)
+                .await?;
         }
         if !failed.is_empty() {
             let ids: Vec<i64> = failed.iter().map(|f| f.id).collect();
             let errors: Vec<&str> = failed.iter().map(|f| f.error.as_str()).collect();
-            let retry_ms: Vec<i64> = failed.iter().map(|f| f.retry_in.as_millis() as i64).collect();
+            let retry_ms: Vec<i64> = failed
+                .iter()
+                .map(|f| f.retry_in.as_millis() as i64)
+                .collect();
             let permanent: Vec<bool> = failed.iter().map(|f| f.permanent).collect();
             sqlx::query(self.sql.failed.clone())
                 .bind(ids)
@@ -234,19 +246,23 @@ impl Store for PgStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
-        let (pending, oldest_pending_age_seconds, dead) =
-            sqlx::query_as(self.sql.stats.clone()).fetch_one(&self.pool).await?;
-        Ok(Stats { pending, oldest_pending_age_seconds, dead })
+        let (pending, oldest_pending_age_seconds, dead) = sqlx::query_as(self.sql.stats.clone())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Stats {
+            pending,
+            oldest_pending_age_seconds,
+            dead,
+        })
     }
 
     async fn blocked_keys(&self) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(self.sql.blocked_keys.clone()).fetch_all(&self.pool).await?)
+        Ok(sqlx::query_scalar(self.sql.blocked_keys.clone())
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn purge_sent(&self, limit: i64) -> Result<u64> {
-        if self.opts.retention.is_zero() {
-            return Ok(0);
-        }
         let done = sqlx::query(self.sql.purge.clone())
             .bind(self.opts.retention.as_millis() as i64)
             .bind(limit)
@@ -256,7 +272,9 @@ impl Store for PgStore {
     }
 
     async fn dead_list(&self) -> Result<Vec<DeadRow>> {
-        Ok(sqlx::query_as(self.sql.dead_list.clone()).fetch_all(&self.pool).await?)
+        Ok(sqlx::query_as(self.sql.dead_list.clone())
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn dead_retry(&self, message_ids: Option<&[String]>) -> Result<u64> {

@@ -26,10 +26,12 @@ pub fn pg_server() -> String {
 
 /// The broker the tests use (`OUTBOX_TEST_AMQP`).
 pub fn amqp_url() -> String {
-    std::env::var("OUTBOX_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("OUTBOX_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-const START_HINT: &str = "start the services with `scripts/services.sh` (it installs them if missing)";
+const START_HINT: &str =
+    "start the services with `scripts/services.sh` (it installs them if missing)";
 
 /// A unique name for this test's database, exchange and queue.
 pub fn unique(prefix: &str) -> String {
@@ -44,7 +46,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -66,23 +71,51 @@ impl TestDb {
         let name = unique("outbox_t");
         let admin = sqlx::PgPool::connect(&format!("{}/postgres", pg_server()))
             .await
-            .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {} ({e}): {START_HINT}", pg_server()));
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is not reachable at {} ({e}): {START_HINT}",
+                    pg_server()
+                )
+            });
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
         admin.close().await;
         let url = format!("{}/{name}", pg_server());
-        let pool = PgPoolOptions::new().max_connections(20).connect(&url).await.unwrap();
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&url)
+            .await
+            .unwrap();
         let table = TableName::new(table).unwrap();
-        let db = TestDb { name, url, pool, table };
+        let db = TestDb {
+            name,
+            url,
+            pool,
+            table,
+        };
         db.store().migrate().await.expect("migrate");
         db
     }
 
     pub fn store(&self) -> PgStore {
-        PgStore::new(self.pool.clone(), StoreOptions { table: self.table.clone(), retention: Duration::ZERO })
+        PgStore::new(
+            self.pool.clone(),
+            StoreOptions {
+                table: self.table.clone(),
+                retention: Duration::ZERO,
+            },
+        )
     }
 
     /// Inserts one row with plain SQL, as a service in any language would; returns its message id.
-    pub async fn insert(&self, routing_key: &str, ordering_key: Option<&str>, payload: serde_json::Value) -> String {
+    pub async fn insert(
+        &self,
+        routing_key: &str,
+        ordering_key: Option<&str>,
+        payload: serde_json::Value,
+    ) -> String {
         sqlx::query_scalar(AssertSqlSafe(format!(
             "INSERT INTO {} (exchange, routing_key, ordering_key, payload) VALUES ('', $1, $2, $3) RETURNING message_id::text",
             self.table
@@ -96,10 +129,13 @@ impl TestDb {
     }
 
     pub async fn count(&self, condition: &str) -> i64 {
-        sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {} WHERE {condition}", self.table)))
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {} WHERE {condition}",
+            self.table
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
     }
 }
 
@@ -107,10 +143,18 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
-                if let Ok(admin) = sqlx::PgPool::connect(&format!("{}/postgres", pg_server())).await {
-                    let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&admin).await;
+                if let Ok(admin) = sqlx::PgPool::connect(&format!("{}/postgres", pg_server())).await
+                {
+                    let _ = sqlx::query(AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&admin)
+                    .await;
                 }
             })
         })
@@ -141,39 +185,77 @@ impl TestQueue {
     pub async fn new() -> Self {
         let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
-            .unwrap_or_else(|e| panic!("RabbitMQ is not reachable at {} ({e}): {START_HINT}", amqp_url()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "RabbitMQ is not reachable at {} ({e}): {START_HINT}",
+                    amqp_url()
+                )
+            });
         let channel = conn.create_channel().await.unwrap();
         let name = unique("q");
         let mut args = FieldTable::default();
         args.insert("x-expires".into(), AMQPValue::LongInt(600_000));
         channel
-            .queue_declare(name.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
             .await
             .unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let mut consumer = channel
-            .basic_consume(name.as_str().into(), "test".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .basic_consume(
+                name.as_str().into(),
+                "test".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         let sink = received.clone();
         tokio::spawn(async move {
             while let Some(Ok(d)) = consumer.next().await {
                 sink.lock().unwrap().push(Received {
-                    message_id: d.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                    message_id: d
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
                     routing_key: d.routing_key.to_string(),
                     body: serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null),
                     properties: d.properties,
                 });
             }
         });
-        TestQueue { name, channel, received, _conn: conn }
+        TestQueue {
+            name,
+            channel,
+            received,
+            _conn: conn,
+        }
     }
 
     /// A direct exchange of its own (auto-deleted with its last binding).
     pub async fn exchange(&self) -> String {
         let name = unique("x");
         self.channel
-            .exchange_declare(name.as_str().into(), ExchangeKind::Direct, ExchangeDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
+            .exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         name
@@ -181,7 +263,13 @@ impl TestQueue {
 
     pub async fn bind(&self, exchange: &str, key: &str) {
         self.channel
-            .queue_bind(self.name.as_str().into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                self.name.as_str().into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .unwrap();
     }
@@ -196,7 +284,12 @@ impl TestQueue {
 
     /// Waits until `n` messages have arrived.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
-        eventually(&format!("{n} messages on {}", self.name), timeout, || async { self.count() >= n }).await;
+        eventually(
+            &format!("{n} messages on {}", self.name),
+            timeout,
+            || async { self.count() >= n },
+        )
+        .await;
         self.received()
     }
 }
@@ -208,12 +301,21 @@ pub fn outbox_bin() -> Command {
 
 /// Runs an `outbox` command to completion against `db`.
 pub fn outbox_cmd(db: &TestDb, args: &[&str]) -> std::process::Output {
-    outbox_bin().args(args).env("DATABASE_URL", &db.url).env("OUTBOX_TABLE", db.table.as_str()).output().unwrap()
+    outbox_bin()
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("OUTBOX_TABLE", db.table.as_str())
+        .output()
+        .unwrap()
 }
 
 /// A free local port (bound once and released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// An `outbox relay` child process with its own HTTP port; killed when dropped.
@@ -242,7 +344,11 @@ impl Relay {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Relay { child: cmd.spawn().unwrap(), http, log }
+        Relay {
+            child: cmd.spawn().unwrap(),
+            http,
+            log,
+        }
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
@@ -252,7 +358,11 @@ impl Relay {
     /// The value of an unlabelled metric, if present.
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics").await;
-        body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
     }
 
     pub async fn is_leader(&self) -> bool {
@@ -266,7 +376,10 @@ impl Relay {
 
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         self.child.wait().unwrap()
     }
 
@@ -283,13 +396,25 @@ impl Drop for Relay {
 
 /// A minimal HTTP/1.0 GET; (0, "") when nothing answers.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return (0, String::new()) };
-    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.is_err() {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .is_err()
+    {
         return (0, String::new());
     }
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf).await;
-    let code = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let code = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (code, body)
 }
