@@ -63,6 +63,10 @@ enum DeadAction {
     },
 }
 
+/// The log filter when `RUST_LOG` is unset. lapin logs every returned message, payload
+/// included, at WARN: the relay reports those rows itself, without their bodies.
+const DEFAULT_LOG: &str = "info,sqlx=warn,lapin::returned_messages=error";
+
 /// Latency buckets, in seconds, for `outbox_publish_latency_seconds`.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -77,7 +81,7 @@ fn main() -> ExitCode {
                 errors.push(format!("RUST_LOG: invalid log filter ({e})"));
                 Err(e)
             }
-            None => Ok(EnvFilter::new("info,sqlx=warn")),
+            None => Ok(EnvFilter::new(DEFAULT_LOG)),
         });
     let config =
         Config::from_env(matches!(cli.command, Command::Relay)).map_err(|e| errors.extend(e));

@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -23,6 +23,9 @@ use crate::broker::{Nodes, Outcome, Pipeline, PublishError, Publisher};
 use crate::config::RelayConfig;
 use crate::metrics as m;
 use crate::store::{Failure, Store};
+
+/// How long a confirmed row may wait for its mark while more confirms are coming.
+const MARK_DELAY: Duration = Duration::from_millis(5);
 
 /// The state of one leadership term.
 pub(super) struct Leader<S> {
@@ -50,6 +53,11 @@ pub(super) struct Leader<S> {
     sent: Vec<i64>,
     /// Failed attempts waiting for their mark.
     failed: Vec<Failure>,
+    /// When the oldest unwritten mark arrived.
+    first_mark_at: Option<Instant>,
+    /// Rows may be claimable: a notification, the poll interval, a full claim, or marks
+    /// that released the next rows of their keys.
+    dirty: bool,
 }
 
 impl<S: Store> Leader<S> {
@@ -73,30 +81,62 @@ impl<S: Store> Leader<S> {
             outcomes,
             sent: Vec::new(),
             failed: Vec::new(),
+            first_mark_at: None,
+            dirty: true,
         }
     }
 
     /// Publishes until `stop`, then drains within the grace period.
+    ///
+    /// Claims and marks are batched: a claim waits until half the window (or a batch) is
+    /// free, so the database work of one half overlaps the confirms of the other; marks wait
+    /// for a batch, an idle window, or `MARK_DELAY`, whichever comes first.
     pub(super) async fn run(mut self, stop: &CancellationToken) {
         let mut reconnect = reconnect_backoff();
         while !stop.is_cancelled() {
             self.collect();
-            if !self.flush().await {
+            if self.mark_due() && !self.flush().await {
                 self.wait(stop).await;
                 continue;
             }
             if !self.connected() {
-                if !self.connect(&mut reconnect, stop).await {
+                if self.connect(&mut reconnect, stop).await {
+                    reconnect = reconnect_backoff();
+                    self.dirty = true;
+                }
+                continue;
+            }
+            if self.dirty && self.claim_due() {
+                let (claimed, limit) = self.claim_and_publish().await;
+                self.dirty = limit > 0 && claimed == limit;
+                if self.dirty {
                     continue;
                 }
-                reconnect = reconnect_backoff();
             }
-            let (claimed, limit) = self.claim_and_publish().await;
-            if limit == 0 || claimed < limit {
-                self.wait(stop).await;
-            }
+            self.wait(stop).await;
         }
         self.drain().await;
+    }
+
+    /// Unconfirmed publishes right now.
+    fn outstanding(&self) -> usize {
+        self.config.max_in_flight - self.window.available_permits()
+    }
+
+    /// Enough of the window is free for a claim worth its query.
+    fn claim_due(&self) -> bool {
+        let half = (self.config.max_in_flight / 2).clamp(1, self.config.batch_size);
+        self.window.available_permits() >= half || self.outstanding() == 0
+    }
+
+    /// The marks waiting are a batch, the window is idle, or the oldest has waited long enough.
+    fn mark_due(&self) -> bool {
+        let waiting = self.sent.len() + self.failed.len();
+        waiting >= self.config.batch_size
+            || (waiting > 0 && self.outstanding() == 0)
+            || self
+                .first_mark_at
+                .is_some_and(|t| t.elapsed() >= MARK_DELAY)
     }
 
     /// The publisher is open; a broken one is dropped (its rows come back as connection failures).
@@ -180,13 +220,18 @@ impl<S: Store> Leader<S> {
         (claimed, limit)
     }
 
-    /// Waits for something to do: an outcome, a notification, a broker change, the poll interval.
+    /// Waits for something to do: an outcome, a mark falling due, a notification, a broker
+    /// change, the poll interval.
     async fn wait(&mut self, stop: &CancellationToken) {
+        let mark_at = self
+            .first_mark_at
+            .map(|t| tokio::time::Instant::from_std(t + MARK_DELAY));
         tokio::select! {
             Some(outcome) = self.outcomes.recv() => self.record(outcome),
-            _ = self.wake.notified() => {}
-            _ = self.health.broker_changed.notified() => {}
-            _ = tokio::time::sleep(self.config.poll_interval) => {}
+            _ = tokio::time::sleep_until(mark_at.unwrap_or_else(tokio::time::Instant::now)), if mark_at.is_some() => {}
+            _ = self.wake.notified() => self.dirty = true,
+            _ = self.health.broker_changed.notified() => self.dirty = true,
+            _ = tokio::time::sleep(self.config.poll_interval) => self.dirty = true,
             _ = stop.cancelled() => {}
         }
     }
@@ -207,6 +252,7 @@ impl<S: Store> Leader<S> {
                     .unwrap_or_default()
                     .as_secs_f64();
                 metrics::histogram!(m::PUBLISH_LATENCY).record((now - row.created_at).max(0.0));
+                self.first_mark_at.get_or_insert_with(Instant::now);
                 self.sent.push(row.id);
                 return;
             }
@@ -219,6 +265,7 @@ impl<S: Store> Leader<S> {
             // No attempt is counted: the row is claimable again once a connection is open.
             tracing::debug!(message_id = %row.message_id, %error, "publish interrupted; will publish again");
             self.in_flight.remove(&row.id);
+            self.dirty = true;
             return;
         }
         let attempt = row.attempts as u32 + 1;
@@ -228,6 +275,7 @@ impl<S: Store> Leader<S> {
             message_id = %row.message_id, exchange = %row.exchange, routing_key = %row.routing_key,
             ordering_key = row.ordering_key.as_deref(), attempt, dead, %error, "publish failed"
         );
+        self.first_mark_at.get_or_insert_with(Instant::now);
         self.failed.push(Failure {
             id: row.id,
             error: error.to_string(),
@@ -257,6 +305,9 @@ impl<S: Store> Leader<S> {
         {
             self.in_flight.remove(&id);
         }
+        // The next rows of the keys just marked may now be claimed.
+        self.first_mark_at = None;
+        self.dirty = true;
         true
     }
 
@@ -269,14 +320,14 @@ impl<S: Store> Leader<S> {
     /// and names what it had to abandon (those rows stay pending and are published again).
     async fn drain(mut self) {
         let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
-        while self.window.available_permits() < self.config.max_in_flight {
+        while self.outstanding() > 0 {
             match tokio::time::timeout_at(deadline, self.outcomes.recv()).await {
                 Ok(Some(outcome)) => self.record(outcome),
                 _ => break,
             }
         }
         self.collect();
-        let outstanding = self.config.max_in_flight - self.window.available_permits();
+        let outstanding = self.outstanding();
         if !self.flush().await {
             tracing::warn!(
                 rows = self.sent.len() + self.failed.len(),

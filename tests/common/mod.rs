@@ -338,7 +338,7 @@ impl Relay {
             .env("OUTBOX_HTTP_ADDR", http.to_string())
             .env("OUTBOX_LEADER_CHECK", "200ms")
             .env("OUTBOX_POLL_INTERVAL", "200ms")
-            .env("RUST_LOG", "info,sqlx=warn")
+            .env("RUST_LOG", "info,sqlx=warn,lapin::returned_messages=error")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in env {
