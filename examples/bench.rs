@@ -187,10 +187,10 @@ async fn raw_ceiling(conn: &Connection, kind: QueueKind, n: usize) -> anyhow::Re
         while let Some(Some(done)) = futures_util::FutureExt::now_or_never(confirms.next()) {
             anyhow::ensure!(done?.is_ack(), "nack");
         }
-        if window.available_permits() == 0 {
-            if let Some(done) = confirms.next().await {
-                anyhow::ensure!(done?.is_ack(), "nack");
-            }
+        if window.available_permits() == 0
+            && let Some(done) = confirms.next().await
+        {
+            anyhow::ensure!(done?.is_ack(), "nack");
         }
     }
     while let Some(done) = confirms.next().await {
