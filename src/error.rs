@@ -39,7 +39,8 @@ impl Error {
     }
 }
 
-fn is_retryable_db(e: &sqlx::Error) -> bool {
+/// Whether a database error is worth retrying (lost connection, deadlock, serialization).
+pub(crate) fn is_retryable_db(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)

@@ -24,6 +24,7 @@
 //! - [`store`]: what the relay asks of a database ([`Store`]), one module per backend.
 //! - [`broker`]: AMQP connections over a node list, confirms, returns, blocking.
 //! - [`relay`]: leadership and the claim -> publish -> mark loop.
+//! - [`inbox`]: consuming with exactly-once effects (the consumer inbox).
 //! - [`config`]: the environment, read in one place.
 //! - [`http`], [`health`], [`metrics`]: what operators see.
 //!
@@ -49,6 +50,7 @@ pub mod config;
 mod error;
 pub mod health;
 pub mod http;
+pub mod inbox;
 pub mod message;
 pub mod metrics;
 pub mod outbox;

@@ -19,6 +19,15 @@ pub const LEADER: &str = "outbox_leader";
 /// Row creation to broker confirm.
 pub const PUBLISH_LATENCY: &str = "outbox_publish_latency_seconds";
 
+/// Inbox: messages applied, by `consumer`.
+pub const INBOX_HANDLED: &str = "outbox_inbox_handled_total";
+/// Inbox: duplicates acked without running the handler, by `consumer`.
+pub const INBOX_DUPLICATES: &str = "outbox_inbox_duplicates_total";
+/// Inbox: failed handler attempts, by `consumer`.
+pub const INBOX_HANDLER_FAILURES: &str = "outbox_inbox_handler_failures_total";
+/// Inbox: messages sent to the dead-letter queue, by `consumer`.
+pub const INBOX_DEAD_LETTERED: &str = "outbox_inbox_dead_lettered_total";
+
 /// Registers every metric with its help text and sets the gauges to zero, so that
 /// `/metrics` lists them all from the start.
 pub fn describe() {

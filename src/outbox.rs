@@ -1,59 +1,49 @@
 //! Writing messages into the outbox inside the caller's transaction.
 //!
-//! The caller passes its own transaction (or any executor): the rows commit or roll back
-//! with its business rows, which is the whole point of an outbox.
+//! The caller passes its own open transaction (`&mut *tx`) or connection: the rows commit
+//! or roll back with its business rows, which is the whole point of an outbox.
 
 use std::future::Future;
 
-use sqlx::{AssertSqlSafe, Executor};
+use sqlx::AssertSqlSafe;
 
 use crate::{Message, Result, TableName};
 
-/// A database the outbox can be written to.
-pub trait Backend: sqlx::Database {
-    /// Inserts `messages` into `table`, in order, through `executor`.
-    fn insert<'c, E>(
-        executor: E,
-        table: &TableName,
-        messages: &[Message],
-    ) -> impl Future<Output = Result<()>> + Send
-    where
-        E: Executor<'c, Database = Self>;
+/// A database connection the outbox can be written through.
+///
+/// Implemented for the connection types of the supported backends; a transaction derefs to
+/// its connection, so `&mut *tx` is what callers pass.
+pub trait Backend: Send {
+    /// Inserts `messages` into `table`, in order.
+    fn insert<'a>(
+        &'a mut self,
+        table: &'a TableName,
+        messages: &'a [Message],
+    ) -> impl Future<Output = Result<()>> + Send + 'a;
 }
 
-/// Writes one message into the default `outbox` table through `executor`
-/// (normally `&mut *tx`, the caller's open transaction).
-pub async fn enqueue<'c, E>(executor: E, message: &Message) -> Result<()>
-where
-    E: Executor<'c>,
-    E::Database: Backend,
-{
-    enqueue_all(
-        executor,
-        &TableName::default(),
-        std::slice::from_ref(message),
-    )
-    .await
+/// Writes one message into the default `outbox` table through `conn` (normally `&mut *tx`,
+/// the caller's open transaction).
+pub async fn enqueue<C: Backend + ?Sized>(conn: &mut C, message: &Message) -> Result<()> {
+    conn.insert(&TableName::default(), std::slice::from_ref(message))
+        .await
 }
 
 /// Writes `messages` into `table` in one statement, in order (their ids increase in order).
-pub async fn enqueue_all<'c, E>(executor: E, table: &TableName, messages: &[Message]) -> Result<()>
-where
-    E: Executor<'c>,
-    E::Database: Backend,
-{
+pub async fn enqueue_all<C: Backend + ?Sized>(
+    conn: &mut C,
+    table: &TableName,
+    messages: &[Message],
+) -> Result<()> {
     if messages.is_empty() {
         return Ok(());
     }
-    E::Database::insert(executor, table, messages).await
+    conn.insert(table, messages).await
 }
 
 #[cfg(feature = "postgres")]
-impl Backend for sqlx::Postgres {
-    async fn insert<'c, E>(executor: E, table: &TableName, messages: &[Message]) -> Result<()>
-    where
-        E: Executor<'c, Database = Self>,
-    {
+impl Backend for sqlx::PgConnection {
+    async fn insert(&mut self, table: &TableName, messages: &[Message]) -> Result<()> {
         let sql = format!(
             "INSERT INTO {table}
                 (message_id, exchange, routing_key, ordering_key, message_type, payload, headers)
@@ -73,7 +63,7 @@ impl Backend for sqlx::Postgres {
             .bind(column(|m| {
                 Some(serde_json::Value::Object(m.headers.clone()).to_string())
             }))
-            .execute(executor)
+            .execute(self)
             .await?;
         Ok(())
     }

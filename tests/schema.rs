@@ -24,12 +24,19 @@ async fn migrate_twice_changes_nothing_and_keeps_its_own_history_table() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(tables, ["billing_outbox", "billing_outbox_schema_history"]);
+    assert_eq!(
+        tables,
+        [
+            "billing_outbox",
+            "billing_outbox_inbox",
+            "billing_outbox_schema_history"
+        ]
+    );
     let history: i64 = sqlx::query_scalar("SELECT count(*) FROM billing_outbox_schema_history")
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(history, 1);
+    assert_eq!(history, 2);
     // A second outbox table in the same database gets its own objects and history.
     let second = outbox_bin()
         .arg("migrate")

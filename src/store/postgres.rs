@@ -13,11 +13,18 @@ use super::{DeadRow, Failure, Lease, Stats, Store, StoreOptions};
 use crate::Result;
 use crate::message::OutboxRow;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_outbox.sql",
-    sql: include_str!("../../migrations/postgres/0001_outbox.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_outbox.sql",
+        sql: include_str!("../../migrations/postgres/0001_outbox.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_inbox.sql",
+        sql: include_str!("../../migrations/postgres/0002_inbox.sql"),
+    },
+];
 
 /// The outbox table on PostgreSQL.
 #[derive(Clone)]

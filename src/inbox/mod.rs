@@ -1,0 +1,144 @@
+//! The consumer inbox: exactly-once effects on top of at-least-once delivery.
+//!
+//! [`consume`] reads a queue with manual acks and, for each delivery, in **one** database
+//! transaction records `(consumer, message_id)` in the inbox table, runs the [`Handler`]
+//! with that transaction (it may [`enqueue`](crate::enqueue) outbox rows in it, so
+//! consume-then-publish is atomic) and commits; only then does it ack. A message whose id is
+//! already recorded is acked without running the handler again.
+//!
+//! A handler that fails is retried with capped backoff up to `max_attempts`, then the
+//! message goes to the dead-letter queue `<queue>.dead` with the error and the attempt count
+//! in its headers (`x-outbox-error`, `x-outbox-attempts`); a delivery without a message id
+//! or whose body is not the expected JSON goes there at once. Transient database errors
+//! (serialization failures, deadlocks, lost connections) are retried without counting.
+//!
+//! The consumer opens its own AMQP connections, never the relay's: RabbitMQ blocks
+//! publishing connections during resource alarms, and acks must keep flowing. Dead letters
+//! are published on a second connection for the same reason.
+
+mod delivery;
+mod session;
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use sqlx::PgPool;
+use sqlx::postgres::PgConnection;
+use tokio_util::sync::CancellationToken;
+
+use crate::TableName;
+
+/// What a handler may fail with; a retryable `sqlx::Error` inside is not the message's fault.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A delivery as the handler sees it.
+#[derive(Debug, Clone)]
+pub struct Incoming<T> {
+    /// The AMQP message id (the deduplication key).
+    pub message_id: String,
+    /// The AMQP `type` property.
+    pub message_type: Option<String>,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// The broker delivered it before (a previous consumer did not ack it).
+    pub redelivered: bool,
+    /// The JSON body, decoded.
+    pub body: T,
+}
+
+/// Applies one message's effects inside the inbox transaction.
+pub trait Handler<T>: Send + Sync + 'static {
+    /// Writes the message's effects through `tx`; the inbox commits them with the record of
+    /// the message, or rolls both back on error.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        message: &'a Incoming<T>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
+}
+
+/// The kind of queue [`consume`] declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// Replicated over the cluster: survives the loss of a node. The default.
+    Quorum,
+    /// A single-node queue: lost with its node.
+    Classic,
+}
+
+/// How a consumer reads its queue.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The broker's nodes; after a lost connection the next one is tried first.
+    pub amqp_urls: Vec<String>,
+    /// The consumer's name in the inbox table (one per service and purpose).
+    pub consumer: String,
+    /// The queue to consume; declared with its dead-letter exchange and queue.
+    pub queue: String,
+    /// `(exchange, routing key)` bindings of the queue; the exchanges must exist.
+    pub bindings: Vec<(String, String)>,
+    /// Quorum (default) or classic.
+    pub queue_type: QueueType,
+    /// Unacked deliveries the broker sends ahead (default 64).
+    pub prefetch: u16,
+    /// Deliveries handled at once (default 8; 1 keeps the queue's order).
+    pub concurrency: usize,
+    /// Handler attempts before a message is dead-lettered (default 5).
+    pub max_attempts: u32,
+    /// First retry delay of a failed handler (default 100 ms).
+    pub retry_min: Duration,
+    /// Cap of the retry delay (default 5 s).
+    pub retry_max: Duration,
+    /// How long applied message ids are remembered (default 7 days). A message replayed
+    /// after this window is applied again.
+    pub dedup_window: Duration,
+    /// The outbox table whose inbox (`<table>_inbox`) this consumer records in.
+    pub table: TableName,
+    /// Deletes the queues after this long unused (`x-expires`), for tests and demos.
+    pub queue_ttl: Option<Duration>,
+}
+
+impl ConsumerConfig {
+    /// A consumer named `consumer` on `queue` with the documented defaults.
+    pub fn new(
+        amqp_urls: Vec<String>,
+        consumer: impl Into<String>,
+        queue: impl Into<String>,
+    ) -> Self {
+        ConsumerConfig {
+            amqp_urls,
+            consumer: consumer.into(),
+            queue: queue.into(),
+            bindings: Vec::new(),
+            queue_type: QueueType::Quorum,
+            prefetch: 64,
+            concurrency: 8,
+            max_attempts: 5,
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            dedup_window: Duration::from_secs(7 * 24 * 3600),
+            table: TableName::default(),
+            queue_ttl: None,
+        }
+    }
+
+    /// The dead-letter exchange and queue of `queue`.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+}
+
+/// Consumes until `shutdown`, reconnecting (with backoff, over the nodes) whenever the
+/// connection is lost. Unacked deliveries at shutdown are redelivered by the broker.
+pub async fn consume<T, H>(
+    pool: PgPool,
+    config: ConsumerConfig,
+    handler: H,
+    shutdown: CancellationToken,
+) where
+    T: DeserializeOwned + Send + Sync + 'static,
+    H: Handler<T>,
+{
+    session::run(pool, config, handler, shutdown).await
+}

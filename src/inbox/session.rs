@@ -1,0 +1,256 @@
+//! One consumer connection at a time: topology, the delivery stream, reconnection, and the
+//! inbox purge.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde::de::DeserializeOwned;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::delivery::Context;
+use super::{ConsumerConfig, Handler, QueueType};
+use crate::config::redact;
+
+/// Inbox rows deleted per statement.
+const PURGE_BATCH: i64 = 1000;
+
+pub(super) async fn run<T, H>(
+    pool: PgPool,
+    config: ConsumerConfig,
+    handler: H,
+    shutdown: CancellationToken,
+) where
+    T: DeserializeOwned + Send + Sync + 'static,
+    H: Handler<T>,
+{
+    let purge = tokio::spawn(purge_inbox(pool.clone(), config.clone(), shutdown.clone()));
+    let ctx = Arc::new(Context::new(pool, &config, handler));
+    let mut backoff = reconnect_backoff();
+    let mut next = 0;
+    while !shutdown.is_cancelled() {
+        let url = &config.amqp_urls[next % config.amqp_urls.len()];
+        next += 1;
+        match Session::open(url, &config).await {
+            Ok(session) => {
+                tracing::info!(consumer = %config.consumer, queue = %config.queue, node = %redact(url), "consuming");
+                backoff = reconnect_backoff();
+                // After a lost connection, the next node in the list is tried first.
+                session.consume(&ctx, &config, &shutdown).await;
+            }
+            Err(e) => {
+                tracing::warn!(consumer = %config.consumer, node = %redact(url), error = %e, "consumer connection failed: retrying");
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+        }
+    }
+    purge.abort();
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// The consuming connection, and a second one for dead letters (publishing connections are
+/// blocked during alarms; acks must not be).
+struct Session {
+    /// Deliveries and acks.
+    conn: Connection,
+    /// The consuming channel.
+    channel: Channel,
+    /// Dead letters; its confirm channel is used one publish at a time.
+    _dead_conn: Connection,
+    /// Confirm-mode channel for dead letters.
+    dead: Arc<Mutex<Channel>>,
+}
+
+impl Session {
+    async fn open(url: &str, config: &ConsumerConfig) -> Result<Self, lapin::Error> {
+        let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(config.prefetch, BasicQosOptions::default())
+            .await?;
+        declare(&channel, config).await?;
+        let dead_conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let dead = dead_conn.create_channel().await?;
+        dead.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Session {
+            conn,
+            channel,
+            _dead_conn: dead_conn,
+            dead: Arc::new(Mutex::new(dead)),
+        })
+    }
+
+    /// Handles deliveries until the connection is lost or `shutdown`; in-flight deliveries
+    /// finish first.
+    async fn consume<T, H>(
+        self,
+        ctx: &Arc<Context<T, H>>,
+        config: &ConsumerConfig,
+        shutdown: &CancellationToken,
+    ) where
+        T: DeserializeOwned + Send + Sync + 'static,
+        H: Handler<T>,
+    {
+        let tag = format!("{}-{}", config.consumer, uuid::Uuid::new_v4().simple());
+        let consumer = match self
+            .channel
+            .basic_consume(
+                config.queue.as_str().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(consumer) => consumer,
+            Err(e) => {
+                tracing::warn!(consumer = %config.consumer, error = %e, "basic.consume failed");
+                return;
+            }
+        };
+        consumer
+            .take_until(shutdown.cancelled())
+            .for_each_concurrent(config.concurrency.max(1), |delivery| async {
+                match delivery {
+                    Ok(delivery) => ctx.process(delivery, &self.dead).await,
+                    Err(e) => tracing::warn!(consumer = %config.consumer, error = %e, "delivery stream failed"),
+                }
+            })
+            .await;
+        let _ = self.conn.close(200, "consumer stopping".into()).await;
+    }
+}
+
+/// The queue, its dead-letter exchange and queue, and its bindings.
+async fn declare(channel: &Channel, config: &ConsumerConfig) -> Result<(), lapin::Error> {
+    let dead = config.dead_letter_queue();
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            dead.as_str().into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let queue_options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(
+            dead.as_str().into(),
+            queue_options,
+            queue_arguments(config, None),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            dead.as_str().into(),
+            config.queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            config.queue.as_str().into(),
+            queue_options,
+            queue_arguments(config, Some(&dead)),
+        )
+        .await?;
+    for (exchange, key) in &config.bindings {
+        channel
+            .queue_bind(
+                config.queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+fn queue_arguments(config: &ConsumerConfig, dead_letter_exchange: Option<&str>) -> FieldTable {
+    let mut args = FieldTable::default();
+    let kind = match config.queue_type {
+        QueueType::Quorum => "quorum",
+        QueueType::Classic => "classic",
+    };
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(kind)),
+    );
+    if let Some(dlx) = dead_letter_exchange {
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from(dlx)),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(config.queue.as_str())),
+        );
+    }
+    if let Some(ttl) = config.queue_ttl {
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(ttl.as_millis() as i64),
+        );
+    }
+    args
+}
+
+/// Deletes this consumer's inbox rows older than the deduplication window, a bounded batch
+/// per statement, every half window (between 1 s and 1 h).
+async fn purge_inbox(pool: PgPool, config: ConsumerConfig, shutdown: CancellationToken) {
+    let sql = format!(
+        "DELETE FROM {t}_inbox WHERE ctid IN (
+            SELECT ctid FROM {t}_inbox WHERE consumer = $1
+              AND received_at < now() - $2 * interval '1 millisecond' LIMIT $3)",
+        t = config.table
+    );
+    let every = (config.dedup_window / 2).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let mut deleted = PURGE_BATCH as u64;
+        while deleted == PURGE_BATCH as u64 {
+            deleted = sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(&config.consumer)
+                .bind(config.dedup_window.as_millis() as i64)
+                .bind(PURGE_BATCH)
+                .execute(&pool)
+                .await
+                .map_or(0, |r| r.rows_affected());
+        }
+    }
+}
