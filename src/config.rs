@@ -54,6 +54,28 @@ pub struct RelayConfig {
     pub leader_check: Duration,
 }
 
+impl RelayConfig {
+    /// The documented defaults, for a relay embedded in a program rather than configured
+    /// by the environment.
+    pub fn new(amqp_urls: Vec<String>) -> Self {
+        RelayConfig {
+            amqp_urls,
+            http_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8787))),
+            app_id: None,
+            batch_size: 500,
+            max_in_flight: 1000,
+            poll_interval: Duration::from_secs(1),
+            confirm_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            max_attempts: 10,
+            shutdown_grace: Duration::from_secs(10),
+            leader_check: Duration::from_secs(1),
+        }
+    }
+}
+
 impl Config {
     /// Reads the process environment; `AMQP_URL` is required when `needs_broker`.
     pub fn from_env(needs_broker: bool) -> Result<Config, Vec<String>> {
@@ -74,31 +96,28 @@ impl Config {
             TableName::new(s).map_err(|e| e.to_string())
         });
         let retention = r.duration("OUTBOX_RETENTION", Duration::ZERO);
+        let d = RelayConfig::new(Vec::new());
         let relay = RelayConfig {
             amqp_urls: r.amqp_urls(needs_broker),
-            http_addr: r.parse(
-                "OUTBOX_HTTP_ADDR",
-                Some(SocketAddr::from(([0, 0, 0, 0], 8787))),
-                |s| {
-                    if s.is_empty() {
-                        return Ok(None);
-                    }
-                    SocketAddr::from_str(s)
-                        .map(Some)
-                        .map_err(|_| format!("expected HOST:PORT such as 0.0.0.0:8787, got {s:?}"))
-                },
-            ),
+            http_addr: r.parse("OUTBOX_HTTP_ADDR", d.http_addr, |s| {
+                if s.is_empty() {
+                    return Ok(None);
+                }
+                SocketAddr::from_str(s)
+                    .map(Some)
+                    .map_err(|_| format!("expected HOST:PORT such as 0.0.0.0:8787, got {s:?}"))
+            }),
             app_id: var("OUTBOX_APP_ID").filter(|s| !s.is_empty()),
-            batch_size: r.positive("OUTBOX_BATCH_SIZE", 500),
-            max_in_flight: r.positive("OUTBOX_MAX_IN_FLIGHT", 1000),
-            poll_interval: r.duration("OUTBOX_POLL_INTERVAL", Duration::from_secs(1)),
-            confirm_timeout: r.duration("OUTBOX_CONFIRM_TIMEOUT", Duration::from_secs(30)),
-            connect_timeout: r.duration("OUTBOX_CONNECT_TIMEOUT", Duration::from_secs(10)),
-            backoff_min: r.duration("OUTBOX_BACKOFF_MIN", Duration::from_secs(1)),
-            backoff_max: r.duration("OUTBOX_BACKOFF_MAX", Duration::from_secs(300)),
-            max_attempts: r.positive("OUTBOX_MAX_ATTEMPTS", 10),
-            shutdown_grace: r.duration("OUTBOX_SHUTDOWN_GRACE", Duration::from_secs(10)),
-            leader_check: r.duration("OUTBOX_LEADER_CHECK", Duration::from_secs(1)),
+            batch_size: r.positive("OUTBOX_BATCH_SIZE", d.batch_size),
+            max_in_flight: r.positive("OUTBOX_MAX_IN_FLIGHT", d.max_in_flight),
+            poll_interval: r.duration("OUTBOX_POLL_INTERVAL", d.poll_interval),
+            confirm_timeout: r.duration("OUTBOX_CONFIRM_TIMEOUT", d.confirm_timeout),
+            connect_timeout: r.duration("OUTBOX_CONNECT_TIMEOUT", d.connect_timeout),
+            backoff_min: r.duration("OUTBOX_BACKOFF_MIN", d.backoff_min),
+            backoff_max: r.duration("OUTBOX_BACKOFF_MAX", d.backoff_max),
+            max_attempts: r.positive("OUTBOX_MAX_ATTEMPTS", d.max_attempts),
+            shutdown_grace: r.duration("OUTBOX_SHUTDOWN_GRACE", d.shutdown_grace),
+            leader_check: r.duration("OUTBOX_LEADER_CHECK", d.leader_check),
         };
         for (name, d) in [
             ("OUTBOX_POLL_INTERVAL", relay.poll_interval),
