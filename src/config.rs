@@ -19,6 +19,9 @@ pub struct Config {
     pub table: TableName,
     /// `OUTBOX_RETENTION`: how long sent rows are kept (default 0: deleted once confirmed).
     pub retention: Duration,
+    /// `OUTBOX_DEDUP_WINDOW`: how long the consumers' inboxes remember message ids (default
+    /// 7 days); `outbox dead retry` refuses older rows without `--force`.
+    pub dedup_window: Duration,
     /// The relay's own settings.
     pub relay: RelayConfig,
 }
@@ -96,6 +99,7 @@ impl Config {
             TableName::new(s).map_err(|e| e.to_string())
         });
         let retention = r.duration("OUTBOX_RETENTION", Duration::ZERO);
+        let dedup_window = r.duration("OUTBOX_DEDUP_WINDOW", Duration::from_secs(7 * 24 * 3600));
         let d = RelayConfig::new(Vec::new());
         let relay = RelayConfig {
             amqp_urls: r.amqp_urls(needs_broker),
@@ -138,6 +142,7 @@ impl Config {
                 database_url,
                 table,
                 retention,
+                dedup_window,
                 relay,
             }),
             false => Err(r.errors),

@@ -118,6 +118,20 @@ async fn an_unroutable_row_goes_dead_and_dead_retry_delivers_it_before_its_succe
     );
 
     queue.bind(&exchange, "nowhere").await;
+    // A row older than the consumers' deduplication window is refused without --force.
+    let refused = outbox_bin()
+        .args(["dead", "retry", &dead_id])
+        .env("DATABASE_URL", &db.url)
+        .env("OUTBOX_DEDUP_WINDOW", "1ms")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("deduplication window"));
+    assert_eq!(
+        db.count("state = 'dead'").await,
+        1,
+        "a refused retry changed the row"
+    );
     let retry = outbox_cmd(&db, &["dead", "retry", &dead_id]);
     assert!(
         retry.status.success(),

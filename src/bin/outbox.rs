@@ -60,6 +60,10 @@ enum DeadAction {
         /// The message ids of the rows to retry.
         #[arg(required_unless_present = "all")]
         message_ids: Vec<String>,
+        /// Retry rows older than the inbox deduplication window too (consumers may apply
+        /// them a second time).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -143,11 +147,20 @@ async fn execute(command: Command, store: impl Store, config: Config) -> anyhow:
             action: DeadAction::List { json },
         } => dead_list(store, json).await,
         Command::Dead {
-            action: DeadAction::Retry { all, message_ids },
+            action:
+                DeadAction::Retry {
+                    all,
+                    message_ids,
+                    force,
+                },
         } => {
             for id in &message_ids {
                 uuid::Uuid::parse_str(id)
                     .with_context(|| format!("{id:?} is not a message id (a UUID)"))?;
+            }
+            if !force {
+                refuse_rows_past_dedup_window(&store, all, &message_ids, config.dedup_window)
+                    .await?;
             }
             let n = store
                 .dead_retry((!all).then_some(&message_ids[..]))
@@ -212,6 +225,33 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
     shutdown.cancel();
+}
+
+/// A dead row older than the consumers' deduplication window may already have been applied
+/// (published, then failed to be marked): retrying it could apply it twice.
+async fn refuse_rows_past_dedup_window(
+    store: &impl Store,
+    all: bool,
+    ids: &[String],
+    window: Duration,
+) -> anyhow::Result<()> {
+    let old: Vec<String> = store
+        .dead_list()
+        .await
+        .context("reading the outbox table")?
+        .into_iter()
+        .filter(|r| (all || ids.contains(&r.message_id)) && r.age_seconds > window.as_secs_f64())
+        .map(|r| r.message_id)
+        .collect();
+    if !old.is_empty() {
+        bail!(
+            "{} dead row(s) are older than the inbox deduplication window ({}), so consumers may no longer recognise them and could apply them twice: {}. Re-run with --force to retry them anyway",
+            old.len(),
+            humantime::format_duration(window),
+            old.join(", ")
+        );
+    }
+    Ok(())
 }
 
 async fn status(store: impl Store, json: bool) -> anyhow::Result<()> {
