@@ -143,11 +143,21 @@ impl<S: Store> Leader<S> {
     fn connected(&mut self) -> bool {
         if self.publisher.as_ref().is_some_and(|(p, _)| !p.is_open()) {
             tracing::warn!("broker connection lost: reconnecting");
-            self.publisher = None;
-            self.health.set_broker_connected(false);
-            self.health.set_blocked(None);
+            self.drop_publisher();
         }
         self.publisher.is_some()
+    }
+
+    /// Forgets the connection; its publish task ends once its publishes have settled (they
+    /// come back as failures and are published again on the next connection).
+    fn drop_publisher(&mut self) {
+        if let Some((publisher, _)) = self.publisher.take() {
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(5), publisher.close()).await
+            });
+        }
+        self.health.set_broker_connected(false);
+        self.health.set_blocked(None);
     }
 
     /// One pass over the nodes; on failure waits the next backoff step. Returns whether connected.
@@ -259,6 +269,15 @@ impl<S: Store> Leader<S> {
             Err(error) => error,
         };
         metrics::counter!(m::PUBLISH_FAILURES, "reason" => error.reason()).increment(1);
+        if error == PublishError::Timeout
+            && self.health.blocked().is_none()
+            && self.publisher.is_some()
+        {
+            // A broker that is not blocking us confirms or nacks every publish: silence means
+            // the connection is gone, perhaps half-open. Open a new one.
+            tracing::warn!("publisher confirm timed out: reconnecting");
+            self.drop_publisher();
+        }
         let not_the_rows_fault = matches!(error, PublishError::Connection(_))
             || (error == PublishError::Timeout && self.health.blocked().is_some());
         if not_the_rows_fault {
