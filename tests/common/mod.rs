@@ -2,6 +2,8 @@
 //! test, the real `outbox` binary as a child process, and deadline-based waits.
 #![allow(dead_code)]
 
+pub mod workload;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
