@@ -53,6 +53,12 @@ case "${1:-}" in
         ctl "$n" start_app
       done
     fi
+    # Quorum queues take their members from the running nodes: wait until all three run.
+    for _ in $(seq 1 120); do
+      [ "$(ctl 1 eval 'length(rabbit_nodes:all_running()).' 2>/dev/null)" = 3 ] && break
+      sleep 0.5
+    done
+    for n in 1 2 3; do ctl "$n" await_startup --timeout 120 >/dev/null; done
     echo "cluster up: $("$0" urls)"
     ;;
   stop-node) ctl "${2:?node 1-3}" stop ;;

@@ -50,7 +50,7 @@ fn peak_rss_mib(relay: &Relay) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_fault_is_survived_without_loss_reordering_or_double_effects() {
-    let w = Workload::start(&[amqp_url()], QueueType::Quorum).await;
+    let w = Workload::start(&[amqp_url()], QueueType::Quorum, true).await;
     let amqp_proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let pg_proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let db_url =

@@ -111,6 +111,25 @@ impl Nodes {
     }
 }
 
+/// Opens an AMQP connection to `url`, asking for a 10 s heartbeat unless the URL sets one, so
+/// a dead peer is noticed. Callers bound it with a timeout: a node that is shutting down can
+/// accept a TCP connection and never answer.
+pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
+    let mut uri: AMQPUri = url
+        .parse()
+        .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
+    uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+    Connection::connect_uri(uri, ConnectionProperties::default()).await
+}
+
+/// Resolves once `conn` is no longer open. A node that shuts down cleanly closes its
+/// connections without an error, and lapin then ends no consumer stream: consumers watch this.
+pub async fn closed(conn: &Connection) {
+    while conn.status().connected() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// One AMQP connection with a confirm-mode channel for publishing.
 pub struct Publisher {
     /// The connection; its events report blocking.
@@ -125,11 +144,7 @@ pub struct Publisher {
 
 impl Publisher {
     async fn open(url: &str, health: Arc<Health>) -> Result<Arc<Self>, lapin::Error> {
-        let mut uri: AMQPUri = url
-            .parse()
-            .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
-        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
-        let conn = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
+        let conn = connect(url).await?;
         let events = conn.events_listener();
         tokio::spawn(watch_events(events, health));
         let channel = conn.create_channel().await?;

@@ -80,6 +80,8 @@ pub struct ConsumerConfig {
     pub bindings: Vec<(String, String)>,
     /// Quorum (default) or classic.
     pub queue_type: QueueType,
+    /// One connection attempt at most (default 10 s).
+    pub connect_timeout: Duration,
     /// Unacked deliveries the broker sends ahead (default 64).
     pub prefetch: u16,
     /// Deliveries handled at once (default 8; 1 keeps the queue's order).
@@ -112,6 +114,7 @@ impl ConsumerConfig {
             queue: queue.into(),
             bindings: Vec::new(),
             queue_type: QueueType::Quorum,
+            connect_timeout: Duration::from_secs(10),
             prefetch: 64,
             concurrency: 8,
             max_attempts: 5,

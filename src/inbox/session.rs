@@ -11,7 +11,7 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use serde::de::DeserializeOwned;
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::sync::Mutex;
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::delivery::Context;
 use super::{ConsumerConfig, Handler, QueueType};
+use crate::broker::{closed, connect};
 use crate::config::redact;
 
 /// Inbox rows deleted per statement.
@@ -40,7 +41,16 @@ pub(super) async fn run<T, H>(
     while !shutdown.is_cancelled() {
         let url = &config.amqp_urls[next % config.amqp_urls.len()];
         next += 1;
-        match Session::open(url, &config).await {
+        let opened =
+            tokio::time::timeout(config.connect_timeout, Session::open(url, &config)).await;
+        let timed_out = || {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within the connect timeout",
+            )
+            .into()
+        };
+        match opened.unwrap_or_else(|_| Err(timed_out())) {
             Ok(session) => {
                 tracing::info!(consumer = %config.consumer, queue = %config.queue, node = %redact(url), "consuming");
                 backoff = reconnect_backoff();
@@ -84,13 +94,13 @@ struct Session {
 
 impl Session {
     async fn open(url: &str, config: &ConsumerConfig) -> Result<Self, lapin::Error> {
-        let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let conn = connect(url).await?;
         let channel = conn.create_channel().await?;
         channel
             .basic_qos(config.prefetch, BasicQosOptions::default())
             .await?;
         declare(&channel, config).await?;
-        let dead_conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let dead_conn = connect(url).await?;
         let dead = dead_conn.create_channel().await?;
         dead.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Session {
@@ -130,7 +140,12 @@ impl Session {
             }
         };
         consumer
-            .take_until(shutdown.cancelled())
+            .take_until(async {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = closed(&self.conn) => tracing::warn!(consumer = %config.consumer, "consumer connection closed: reconnecting"),
+                }
+            })
             .for_each_concurrent(config.concurrency.max(1), |delivery| async {
                 match delivery {
                     Ok(delivery) => ctx.process(delivery, &self.dead).await,

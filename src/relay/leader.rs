@@ -269,13 +269,17 @@ impl<S: Store> Leader<S> {
             Err(error) => error,
         };
         metrics::counter!(m::PUBLISH_FAILURES, "reason" => error.reason()).increment(1);
-        if error == PublishError::Timeout
-            && self.health.blocked().is_none()
-            && self.publisher.is_some()
-        {
+        let suspect = match error {
             // A broker that is not blocking us confirms or nacks every publish: silence means
-            // the connection is gone, perhaps half-open. Open a new one.
-            tracing::warn!("publisher confirm timed out: reconnecting");
+            // the connection is gone, perhaps half-open.
+            PublishError::Timeout => self.health.blocked().is_none(),
+            // After a quorum queue's leader moves, a channel can keep being nacked while a new
+            // one is not (seen with RabbitMQ 3.10 when a cluster node stops).
+            PublishError::Nack => true,
+            _ => false,
+        };
+        if suspect && self.publisher.is_some() {
+            tracing::warn!(%error, "publishing on a new connection");
             self.drop_publisher();
         }
         let not_the_rows_fault = matches!(error, PublishError::Connection(_))

@@ -63,8 +63,9 @@ pub struct Totals {
 
 impl Workload {
     /// Declares an exchange and a recording queue on `amqp_urls[0]`, starts an inbox consumer
-    /// and a recorder over all of them, and a producer committing rows for that exchange.
-    pub async fn start(amqp_urls: &[String], queue_type: QueueType) -> Self {
+    /// (and, if `record`, a raw recorder that counts duplicates at the broker) over all of
+    /// them, and a producer committing rows for that exchange.
+    pub async fn start(amqp_urls: &[String], queue_type: QueueType, record: bool) -> Self {
         let db = TestDb::new().await;
         sqlx::query("CREATE TABLE effects (applied BIGSERIAL PRIMARY KEY, message_id TEXT NOT NULL, key TEXT NOT NULL, seq BIGINT NOT NULL)")
             .execute(&db.pool)
@@ -74,12 +75,17 @@ impl Workload {
         let record_queue = unique("fault_rec");
         declare(&amqp_urls[0], &exchange, &record_queue, queue_type).await;
         let stop = CancellationToken::new();
-        let recorded = Recorded::default();
-        tokio::spawn(
-            recorded
-                .clone()
-                .run(amqp_urls.to_vec(), record_queue, stop.clone()),
-        );
+        let recorded = Recorded {
+            enabled: record,
+            ..Default::default()
+        };
+        if record {
+            tokio::spawn(
+                recorded
+                    .clone()
+                    .run(amqp_urls.to_vec(), record_queue, stop.clone()),
+            );
+        }
         let mut config = ConsumerConfig::new(amqp_urls.to_vec(), "fault", unique("fault_inbox"));
         config.bindings = vec![(exchange.clone(), "#".into())];
         config.concurrency = 1;
@@ -132,7 +138,11 @@ impl Workload {
                 .collect();
             let seen = self.recorded.seen.lock().unwrap().clone();
             let not_applied = want.iter().filter(|id| !applied.contains(*id)).count();
-            let not_recorded = want.iter().filter(|id| !seen.contains(*id)).count();
+            let not_recorded = if self.recorded.enabled {
+                want.iter().filter(|id| !seen.contains(*id)).count()
+            } else {
+                0
+            };
             if not_applied + not_recorded == 0 {
                 break;
             }
@@ -289,6 +299,7 @@ async fn produce(
 /// the nodes; a delivery the broker flags as redelivered is not a duplicate publish.
 #[derive(Default, Clone)]
 struct Recorded {
+    enabled: bool,
     first: Arc<Mutex<Vec<(String, String, i64)>>>,
     seen: Arc<Mutex<HashSet<String>>>,
     duplicates: Arc<Mutex<usize>>,
@@ -301,7 +312,7 @@ impl Recorded {
             let url = &urls[next % urls.len()];
             next += 1;
             let consumer = async {
-                let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+                let conn = outbox::broker::connect(url).await?;
                 let channel = conn.create_channel().await?;
                 let deliveries = channel
                     .basic_consume(
@@ -313,10 +324,14 @@ impl Recorded {
                     .await?;
                 Ok::<_, lapin::Error>((conn, deliveries))
             };
-            let Ok((_conn, mut deliveries)) = consumer.await else {
+            let Ok(Ok((conn, deliveries))) =
+                tokio::time::timeout(Duration::from_secs(5), consumer).await
+            else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
+            let mut deliveries =
+                std::pin::pin!(deliveries.take_until(outbox::broker::closed(&conn)));
             while let Some(Ok(d)) = deliveries.next().await {
                 let id = d
                     .properties
