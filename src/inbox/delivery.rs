@@ -17,6 +17,9 @@ use tokio::sync::Mutex;
 use super::{ConsumerConfig, Handler, HandlerError, Incoming};
 use crate::metrics as m;
 
+/// How long an ack or nack may take before the connection is presumed gone.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What became of a delivery.
 enum Verdict {
     /// The handler's effects are committed.
@@ -112,23 +115,36 @@ where
             Verdict::Applied => metrics::counter!(m::INBOX_HANDLED, &[label]).increment(1),
             Verdict::Duplicate => metrics::counter!(m::INBOX_DUPLICATES, &[label]).increment(1),
             Verdict::Dead { reason, attempts } => {
-                let published = self.dead_letter(&delivery, dead, &reason, attempts).await;
+                // Bounded: during a resource alarm the dead-letter connection is blocked.
+                let publish = self.dead_letter(&delivery, dead, &reason, attempts);
+                let published = tokio::time::timeout(2 * SETTLE_TIMEOUT, publish)
+                    .await
+                    .unwrap_or_else(
+                        |_| Err("no confirm from the dead-letter queue in time".into()),
+                    );
                 if let Err(e) = published {
                     tracing::error!(consumer = %self.consumer, error = %e, "dead letter not published: message requeued");
-                    let _ = delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await;
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    };
+                    let _ = tokio::time::timeout(SETTLE_TIMEOUT, delivery.nack(requeue)).await;
                     return;
                 }
                 tracing::warn!(consumer = %self.consumer, queue = %self.dead_exchange, %reason, attempts, "message dead-lettered");
                 metrics::counter!(m::INBOX_DEAD_LETTERED, &[label]).increment(1);
             }
         }
-        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-            tracing::debug!(error = %e, "ack failed: the broker redelivers and the inbox skips it");
+        // On a connection that just died an ack may never complete: bounded, so the session
+        // can end and reconnect. The broker redelivers what was not acked; the inbox skips it.
+        match tokio::time::timeout(SETTLE_TIMEOUT, delivery.ack(BasicAckOptions::default())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "ack failed: the broker redelivers and the inbox skips it")
+            }
+            Err(_) => {
+                tracing::debug!("ack timed out: the broker redelivers and the inbox skips it")
+            }
         }
     }
 
