@@ -54,6 +54,106 @@ impl Drop for BrokerSettings {
     }
 }
 
+/// Applies each message by counting it.
+#[derive(Clone)]
+struct Count;
+
+impl outbox::inbox::Handler<serde_json::Value> for Count {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        _msg: &outbox::inbox::Incoming<serde_json::Value>,
+    ) -> Result<(), outbox::inbox::HandlerError> {
+        sqlx::query("UPDATE consumed SET n = n + 1")
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// A queue that the inbox consumer declared (and left), holding 50 messages published before
+/// the alarm: the consumer is started again during the alarm and must apply them all.
+async fn backlog_for_the_alarm(db: &TestDb, round: usize) -> outbox::inbox::ConsumerConfig {
+    sqlx::query("CREATE TABLE IF NOT EXISTS consumed (n BIGINT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM consumed")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO consumed VALUES (0)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut config = outbox::inbox::ConsumerConfig::new(
+        vec![amqp_url()],
+        format!("alarm-{round}"),
+        unique("alarm_inbox"),
+    );
+    config.queue_ttl = Some(Duration::from_secs(600));
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(outbox::inbox::consume(
+        db.pool.clone(),
+        config.clone(),
+        Count,
+        stop.clone(),
+    ));
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    // A fresh channel per look: a passive declare of a missing queue closes its channel.
+    let depth = |consumers: u32, messages: u32| {
+        let (conn, queue) = (&conn, config.queue.clone());
+        async move {
+            let Ok(channel) = conn.create_channel().await else {
+                return false;
+            };
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match channel
+                .queue_declare(queue.as_str().into(), passive, Default::default())
+                .await
+            {
+                Ok(q) => q.consumer_count() == consumers && q.message_count() == messages,
+                Err(_) => false,
+            }
+        }
+    };
+    eventually(
+        "the consumer to declare its queue",
+        Duration::from_secs(20),
+        || depth(1, 0),
+    )
+    .await;
+    stop.cancel();
+    eventually("the consumer to leave", Duration::from_secs(20), || {
+        depth(0, 0)
+    })
+    .await;
+    for i in 0..50 {
+        let props = lapin::BasicProperties::default().with_message_id(format!("m-{i}").into());
+        channel
+            .basic_publish(
+                "".into(),
+                config.queue.as_str().into(),
+                Default::default(),
+                b"{}",
+                props,
+            )
+            .await
+            .unwrap();
+    }
+    eventually("the backlog to be queued", Duration::from_secs(20), || {
+        depth(0, 50)
+    })
+    .await;
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_and_disk_alarms_block_the_relay_which_reports_and_resumes_without_loss() {
     let db = TestDb::new().await;
@@ -71,6 +171,7 @@ async fn memory_and_disk_alarms_block_the_relay_which_reports_and_resumes_withou
         ("disk", &["set_disk_free_limit", "100000GB"]),
     ];
     for (round, (resource, raise)) in alarms.into_iter().enumerate() {
+        let backlog = backlog_for_the_alarm(&db, round).await;
         rabbitmqctl(raise);
         // RabbitMQ tells a connection it is blocked when it next publishes.
         for seq in 0..20 {
@@ -96,7 +197,34 @@ async fn memory_and_disk_alarms_block_the_relay_which_reports_and_resumes_withou
             "status page does not show the alarm"
         );
 
-        // Rows committed during the alarm wait; the consumer side is not blocked.
+        // An inbox consumer, on its own connections, drains its queue during the alarm.
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(outbox::inbox::consume(
+            db.pool.clone(),
+            backlog.clone(),
+            Count,
+            stop.clone(),
+        ));
+        eventually(
+            "the inbox consumer to apply its backlog during the alarm",
+            Duration::from_secs(30),
+            || async {
+                sqlx::query_scalar::<_, i64>("SELECT n FROM consumed")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap()
+                    == 50
+            },
+        )
+        .await;
+        stop.cancel();
+        assert_eq!(
+            relay.metric("outbox_broker_blocked").await,
+            Some(1.0),
+            "the alarm ended too soon to prove anything"
+        );
+
+        // Rows committed during the alarm wait.
         for seq in 20..40 {
             ids.insert(
                 db.insert(&queue.name, Some("k"), json!({"round": round, "seq": seq}))

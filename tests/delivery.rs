@@ -175,3 +175,24 @@ async fn library_enqueue_commits_with_the_callers_transaction() {
     );
     assert_eq!(received[0].message_id, batch[0].message_id.to_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_row_wakes_the_relay_without_waiting_for_the_poll() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new().await;
+    // Polling alone would take a minute: LISTEN/NOTIFY must wake the relay.
+    let relay = Relay::start(&db.url, &db.table, &[("OUTBOX_POLL_INTERVAL", "60s")]);
+    eventually("the relay to lead", Duration::from_secs(20), || async {
+        relay.is_leader().await
+    })
+    .await;
+    // Its first, immediate claim is behind it once it is connected and ready.
+    eventually("the relay to be ready", Duration::from_secs(20), || async {
+        relay.get("/readyz").await.0 == 200
+    })
+    .await;
+    for i in 0..3 {
+        db.insert(&queue.name, None, json!({"i": i})).await;
+        queue.wait_for(i + 1, Duration::from_secs(10)).await;
+    }
+}
