@@ -1,10 +1,12 @@
-//! Run with: `cargo run --release --example bench [-- --rows 100000 --json]`
+//! Run with: `cargo run --release --example bench [-- --rows 100000 --json --only drain|inbox]`
 //!
 //! Figures for the relay against the broker's own ceiling, measured in the same run on the
 //! local PostgreSQL and RabbitMQ (`BENCH_PG`, `AMQP_URL` override them):
 //! 1. raw ceiling: lapin alone publishing with confirms, same payload and window;
 //! 2. backlog drain: committed rows drained by the real `outbox relay` binary (release),
-//!    rows/s, its ratio to (1), and the relay's peak RSS.
+//!    rows/s, its ratio to (1), and the relay's peak RSS;
+//! 3. inbox consumer: messages/s applied with exactly-once effects (one row each), against a
+//!    plain consumer that acks without a database.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -45,19 +47,25 @@ impl QueueKind {
 struct Args {
     rows: usize,
     json: bool,
+    /// Run only the scenarios whose name contains this.
+    only: Option<String>,
 }
 
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
         rows: 100_000,
         json: false,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--rows" => a.rows = it.next().context("--rows needs a number")?.parse()?,
             "--json" => a.json = true,
-            other => bail!("unknown argument {other:?} (expected --rows N, --json)"),
+            "--only" => a.only = Some(it.next().context("--only needs drain or inbox")?),
+            other => {
+                bail!("unknown argument {other:?} (expected --rows N, --json, --only drain|inbox)")
+            }
         }
     }
     Ok(a)
@@ -76,7 +84,11 @@ async fn main() -> anyhow::Result<()> {
         .context("RabbitMQ (start it with scripts/services.sh)")?;
     let mut report = Report::new(args.json);
 
-    for kind in [QueueKind::Classic, QueueKind::Quorum] {
+    let wanted = |name: &str| args.only.as_deref().is_none_or(|only| name.contains(only));
+    for kind in [QueueKind::Classic, QueueKind::Quorum]
+        .into_iter()
+        .filter(|_| wanted("drain"))
+    {
         let raw = raw_ceiling(&conn, kind, args.rows).await?;
         report.row(
             &format!("raw ceiling, {} queue", kind.name()),
@@ -92,7 +104,160 @@ async fn main() -> anyhow::Result<()> {
             ],
         );
     }
+    if !wanted("inbox") {
+        return Ok(());
+    }
+    let inbox_rows = args.rows.min(20_000);
+    let (inbox, plain) = inbox_consumer(&pg, &amqp, &conn, inbox_rows).await?;
+    report.row(
+        &format!("inbox consumer, {inbox_rows} messages, exactly-once effects"),
+        &[
+            ("msgs_per_s", inbox),
+            ("plain_ack_msgs_per_s", plain),
+            ("ratio_to_plain", inbox / plain),
+        ],
+    );
     Ok(())
+}
+
+/// A trivial handler: one row per message.
+#[derive(Clone)]
+struct OneRow;
+
+impl outbox::inbox::Handler<serde_json::Value> for OneRow {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        msg: &outbox::inbox::Incoming<serde_json::Value>,
+    ) -> Result<(), outbox::inbox::HandlerError> {
+        sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
+            .bind(&msg.message_id)
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// `n` messages applied by the inbox consumer (defaults: quorum queue, prefetch 64,
+/// concurrency 8), against a plain consumer that acks each message without a database.
+async fn inbox_consumer(
+    pg: &str,
+    amqp: &str,
+    conn: &Connection,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let db = BenchDb::create(pg).await?;
+    sqlx::query("CREATE TABLE effects (message_id TEXT NOT NULL)")
+        .execute(&db.pool)
+        .await?;
+    let queue = format!("bench-inbox-{}", uuid::Uuid::new_v4().simple());
+    let config = outbox::inbox::ConsumerConfig::new(vec![amqp.to_owned()], "bench", queue.clone());
+    // Let the consumer declare its queue, then fill it while nobody consumes.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let first = tokio::spawn(outbox::inbox::consume(
+        db.pool.clone(),
+        config.clone(),
+        OneRow,
+        stop.clone(),
+    ));
+    // A fresh channel per look: a passive declare of a missing queue closes its channel.
+    while queue_depth(&conn.create_channel().await?, &queue)
+        .await
+        .is_err()
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let channel = conn.create_channel().await?;
+    stop.cancel();
+    first.await?;
+    fill(conn, &queue, n).await?;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let start = Instant::now();
+    let run = tokio::spawn(outbox::inbox::consume(
+        db.pool.clone(),
+        config.clone(),
+        OneRow,
+        stop.clone(),
+    ));
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+            .fetch_one(&db.pool)
+            .await?;
+        if done as usize >= n {
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(600),
+            "the inbox consumer took over 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let inbox = n as f64 / start.elapsed().as_secs_f64();
+    stop.cancel();
+    run.await?;
+
+    fill(conn, &queue, n).await?;
+    let plain = plain_consumer(conn, &queue, n).await?;
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    channel
+        .queue_delete(
+            config.dead_letter_queue().as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await?;
+    db.drop().await?;
+    Ok((inbox, plain))
+}
+
+/// Publishes `n` messages with ids into `queue` and waits for their confirms.
+async fn fill(conn: &Connection, queue: &str, n: usize) -> anyhow::Result<()> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    for i in 0..n {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(format!("m-{i}").into());
+        channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                payload().as_bytes(),
+                props,
+            )
+            .await?;
+    }
+    channel.wait_for_confirms().await?;
+    Ok(())
+}
+
+/// Consumes `n` messages with the same prefetch, acking each without a database.
+async fn plain_consumer(conn: &Connection, queue: &str, n: usize) -> anyhow::Result<f64> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(64, lapin::options::BasicQosOptions::default())
+        .await?;
+    let mut deliveries = channel
+        .basic_consume(
+            queue.into(),
+            "plain".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let start = Instant::now();
+    for _ in 0..n {
+        let d = deliveries.next().await.context("consumer ended")??;
+        d.ack(lapin::options::BasicAckOptions::default()).await?;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    channel.close(200, "done".into()).await?;
+    Ok(rate)
 }
 
 /// Builds the release `outbox` binary beside this example and returns its path.

@@ -237,21 +237,9 @@ async fn memory_and_disk_alarms_block_the_relay_which_reports_and_resumes_withou
                 && relay.get("/readyz").await.0 == 200
         })
         .await;
-        let delivered = ids.len();
-        eventually(
-            "every row to be delivered",
-            Duration::from_secs(60),
-            || async {
-                queue
-                    .received()
-                    .iter()
-                    .map(|m| m.message_id.clone())
-                    .collect::<HashSet<_>>()
-                    .len()
-                    == delivered
-            },
-        )
-        .await;
+        queue
+            .wait_for_distinct(ids.len(), Duration::from_secs(60))
+            .await;
     }
     let got: HashSet<String> = queue.received().into_iter().map(|m| m.message_id).collect();
     assert_eq!(got, ids);

@@ -55,20 +55,9 @@ async fn one_of_two_relays_leads_and_the_other_takes_over_after_sigkill() {
     )
     .await;
     let takeover = killed.elapsed();
-    eventually(
-        "every row to be delivered",
-        Duration::from_secs(30),
-        || async {
-            queue
-                .received()
-                .iter()
-                .map(|m| m.message_id.clone())
-                .collect::<HashSet<_>>()
-                .len()
-                == ids.len()
-        },
-    )
-    .await;
+    queue
+        .wait_for_distinct(ids.len(), Duration::from_secs(30))
+        .await;
     let received = queue.received();
     let delivered: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
     assert_eq!(delivered, ids);
@@ -121,20 +110,9 @@ async fn sigkill_in_the_middle_of_a_backlog_loses_nothing() {
     );
     let _relay = Relay::start(&db.url, &db.table, &[]);
 
-    eventually(
-        "every row to be delivered",
-        Duration::from_secs(120),
-        || async {
-            queue
-                .received()
-                .iter()
-                .map(|m| m.message_id.clone())
-                .collect::<HashSet<_>>()
-                .len()
-                == all.len()
-        },
-    )
-    .await;
+    queue
+        .wait_for_distinct(all.len(), Duration::from_secs(120))
+        .await;
     eventually("the table to drain", Duration::from_secs(10), || async {
         db.count("true").await == 0
     })

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
@@ -120,6 +121,17 @@ pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
         .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     Connection::connect_uri(uri, ConnectionProperties::default()).await
+}
+
+/// Delays between reconnection attempts: capped at 5 s, jittered, endless; callers take a
+/// fresh one after each success.
+pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// Resolves once `conn` is no longer open. A node that shuts down cleanly closes its

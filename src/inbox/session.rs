@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
@@ -19,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::delivery::Context;
 use super::{ConsumerConfig, Handler, QueueType};
-use crate::broker::{closed, connect};
+use crate::broker::{closed, connect, reconnect_backoff};
 use crate::config::redact;
 
 /// Inbox rows deleted per statement.
@@ -68,15 +67,6 @@ pub(super) async fn run<T, H>(
         }
     }
     purge.abort();
-}
-
-fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// The consuming connection, and a second one for dead letters (publishing connections are

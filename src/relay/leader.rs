@@ -19,7 +19,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::Health;
-use crate::broker::{Nodes, Outcome, Pipeline, PublishError, Publisher};
+use crate::broker::{Nodes, Outcome, Pipeline, PublishError, Publisher, reconnect_backoff};
 use crate::config::RelayConfig;
 use crate::metrics as m;
 use crate::store::{Failure, Store};
@@ -368,16 +368,6 @@ impl<S: Store> Leader<S> {
         }
         self.health.set_broker_connected(false);
     }
-}
-
-/// Reconnection delays: capped, jittered, endless; a fresh one after each success.
-fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// The delay before attempt `attempt + 1` of a failed row: exponential from

@@ -284,6 +284,24 @@ impl TestQueue {
         self.received.lock().unwrap().len()
     }
 
+    /// Waits until `n` distinct message ids have arrived (duplicates do not count).
+    pub async fn wait_for_distinct(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let distinct = || {
+            self.received()
+                .iter()
+                .map(|m| m.message_id.clone())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        };
+        eventually(
+            &format!("{n} distinct messages on {}", self.name),
+            timeout,
+            || async { distinct() >= n },
+        )
+        .await;
+        self.received()
+    }
+
     /// Waits until `n` messages have arrived.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
         eventually(
