@@ -88,12 +88,7 @@ async fn sigkill_in_the_middle_of_a_backlog_loses_nothing() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let all: HashSet<String> = sqlx::query_scalar("SELECT message_id::text FROM outbox")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let all: HashSet<String> = db.message_ids().await;
 
     let mut relay = Relay::start(&db.url, &db.table, &[("OUTBOX_BATCH_SIZE", "200")]);
     eventually(
@@ -148,12 +143,7 @@ async fn sigterm_stops_claiming_drains_and_exits_0() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let all: HashSet<String> = sqlx::query_scalar("SELECT message_id::text FROM outbox")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let all: HashSet<String> = db.message_ids().await;
     let mut relay = Relay::start(&db.url, &db.table, &[]);
     eventually(
         "a part of the backlog to be delivered",
@@ -164,12 +154,7 @@ async fn sigterm_stops_claiming_drains_and_exits_0() {
     let status = relay.terminate();
     assert_eq!(status.code(), Some(0), "{}", relay.log_text());
 
-    let remaining: HashSet<String> = sqlx::query_scalar("SELECT message_id::text FROM outbox")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let remaining: HashSet<String> = db.message_ids().await;
     assert!(
         !remaining.is_empty(),
         "the relay drained everything before the signal"

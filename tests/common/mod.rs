@@ -130,6 +130,19 @@ impl TestDb {
         .unwrap()
     }
 
+    /// The message ids of the rows still in the table.
+    pub async fn message_ids(&self) -> std::collections::HashSet<String> {
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT message_id::text FROM {}",
+            self.table
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+    }
+
     pub async fn count(&self, condition: &str) -> i64 {
         sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT count(*) FROM {} WHERE {condition}",
