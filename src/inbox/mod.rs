@@ -19,13 +19,12 @@
 mod delivery;
 mod session;
 
+pub use session::consume;
+
 use std::future::Future;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
-use sqlx::PgPool;
 use sqlx::postgres::PgConnection;
-use tokio_util::sync::CancellationToken;
 
 use crate::TableName;
 
@@ -130,18 +129,4 @@ impl ConsumerConfig {
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.dead", self.queue)
     }
-}
-
-/// Consumes until `shutdown`, reconnecting (with backoff, over the nodes) whenever the
-/// connection is lost. Unacked deliveries at shutdown are redelivered by the broker.
-pub async fn consume<T, H>(
-    pool: PgPool,
-    config: ConsumerConfig,
-    handler: H,
-    shutdown: CancellationToken,
-) where
-    T: DeserializeOwned + Send + Sync + 'static,
-    H: Handler<T>,
-{
-    session::run(pool, config, handler, shutdown).await
 }

@@ -24,7 +24,9 @@ use crate::config::redact;
 /// Inbox rows deleted per statement.
 const PURGE_BATCH: i64 = 1000;
 
-pub(super) async fn run<T, H>(
+/// Consumes until `shutdown`, reconnecting (with backoff, over the nodes) whenever the
+/// connection is lost. Unacked deliveries at shutdown are redelivered by the broker.
+pub async fn consume<T, H>(
     pool: PgPool,
     config: ConsumerConfig,
     handler: H,
