@@ -87,6 +87,11 @@ impl Health {
         metrics::gauge!(m::LEADER).set(f64::from(u8::from(leader)));
     }
 
+    /// Whether this instance leads.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
     /// Records fresh table figures.
     pub fn set_stats(&self, stats: Stats) {
         metrics::gauge!(m::PENDING).set(stats.pending as f64);

@@ -1,31 +1,65 @@
-//! The leader's loop: claim -> publish -> confirm -> mark.
+//! The leader's loop: claim ahead -> publish -> confirm -> mark.
 //!
-//! Claims are plain reads ([`Store::claim`]); which rows are in flight lives here, in memory,
-//! because only the leader publishes. Claimed rows go to the connection's [`Pipeline`],
-//! which publishes them, waits for their confirms (with a timeout) and reports an
-//! [`Outcome`] each; a semaphore bounds the unconfirmed publishes. Outcomes are marked in one transaction per loop turn, and a row leaves the
-//! in-flight set only once its mark is committed, so it is never claimed twice.
+//! Only the leader publishes, so which rows it holds lives here, in memory: claims are plain
+//! reads ([`Store::claim`]) and a row is held from its claim until its mark commits, so it is
+//! never claimed twice. One database operation runs at a time (a claim or a mark) while the
+//! loop keeps publishing: the window of unconfirmed publishes is refilled from rows claimed
+//! ahead as confirms arrive, so the database work overlaps the broker's.
 //!
-//! Order per key: the claim never returns a row whose key has an earlier unsent row, and an
-//! in-flight row is still unsent, so a key has at most one publish in flight and a failed
-//! row (pending with backoff, or dead) holds back only the rest of its own key.
+//! Claims walk the table in id order from a floor: normally just above the highest id
+//! claimed, so a claim never rereads the rows in flight. The floor drops when rows below it
+//! may have become claimable: a late commit (the notification names its smallest id), a
+//! failed row whose retry fell due, a key released by its failed row's success, a lost
+//! notification connection (then the leader polls from 0).
+//!
+//! Order per key: a key has at most one publish unconfirmed. Its later rows wait here and
+//! the next one is published as soon as the broker confirms the one before; a row that fails
+//! drops the rows of its key held behind it, and the claim holds back every row behind a
+//! failed one (dead, or waiting to retry) until that row is sent.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::Health;
 use crate::broker::{Nodes, Outcome, Pipeline, PublishError, Publisher, reconnect_backoff};
 use crate::config::RelayConfig;
+use crate::message::OutboxRow;
 use crate::metrics as m;
-use crate::store::{Failure, Store};
+use crate::store::{Failure, Inserts, Store};
+use crate::{Health, Result};
 
-/// How long a confirmed row may wait for its mark while more confirms are coming.
-const MARK_DELAY: Duration = Duration::from_millis(5);
+/// How long a confirmed row may wait for its mark while more confirms are coming. Marks are
+/// off the publishing path, so this only trades commits per second against rows held.
+const MARK_DELAY: Duration = Duration::from_millis(25);
+
+/// How long to wait before retrying a database operation that failed.
+const DATABASE_RETRY: Duration = Duration::from_millis(500);
+
+/// A database operation in progress.
+type Operation = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// What a database operation came back with.
+enum Done {
+    /// A claim from `from` of at most `limit` rows.
+    Claimed {
+        limit: usize,
+        rows: Result<Vec<OutboxRow>>,
+    },
+    /// A mark of these confirmed and failed rows.
+    Marked {
+        sent: Vec<i64>,
+        failed: Vec<Failure>,
+        released: Option<i64>,
+        result: Result<()>,
+    },
+}
 
 /// The state of one leadership term.
 pub(super) struct Leader<S> {
@@ -35,29 +69,45 @@ pub(super) struct Leader<S> {
     config: RelayConfig,
     /// Shared state for gauges and `/readyz`.
     health: Arc<Health>,
-    /// Notified when rows are committed.
-    wake: Arc<Notify>,
+    /// Committed rows, as the database reports them.
+    inserts: Arc<Inserts>,
     /// The broker's nodes, tried in turn.
     nodes: Nodes,
     /// The open publishing connection and its publish task, if any.
     publisher: Option<(Arc<Publisher>, Pipeline)>,
-    /// Rows claimed and not yet marked: never claimed again while here.
-    in_flight: HashSet<i64>,
     /// Bounds unconfirmed publishes to `OUTBOX_MAX_IN_FLIGHT`.
     window: Arc<Semaphore>,
     /// Where publish tasks report.
     outcomes_tx: mpsc::UnboundedSender<Outcome>,
     /// Read by the loop.
     outcomes: mpsc::UnboundedReceiver<Outcome>,
+    /// Rows claimed and not yet marked, whatever their stage: never claimed again while here.
+    held: HashSet<i64>,
+    /// Rows that may be published now, in claim order.
+    ready: VecDeque<OutboxRow>,
+    /// Keys with a row ready or unconfirmed, and the rows of that key waiting behind it.
+    keys: HashMap<String, VecDeque<OutboxRow>>,
+    /// Keys whose failed row is not yet marked, with that row: claims drop their rows.
+    failing: HashMap<String, i64>,
+    /// Claims start at this id.
+    floor: i64,
+    /// The highest id claimed this term.
+    top: i64,
+    /// Rows may be claimable at or above the floor.
+    dirty: bool,
     /// Confirmed rows waiting for their mark.
     sent: Vec<i64>,
     /// Failed attempts waiting for their mark.
     failed: Vec<Failure>,
+    /// The smallest confirmed row that had failed before: its mark releases its key's later
+    /// rows, which the claims skipped.
+    released: Option<i64>,
     /// When the oldest unwritten mark arrived.
     first_mark_at: Option<Instant>,
-    /// Rows may be claimable: a notification, the poll interval, a full claim, or marks
-    /// that released the next rows of their keys.
-    dirty: bool,
+    /// No database operation before this (after one failed).
+    database_retry_at: Option<Instant>,
+    /// When to look at the whole table if notifications are not arriving.
+    poll_at: Instant,
 }
 
 impl<S: Store> Leader<S> {
@@ -65,55 +115,74 @@ impl<S: Store> Leader<S> {
         store: S,
         config: RelayConfig,
         health: Arc<Health>,
-        wake: Arc<Notify>,
+        inserts: Arc<Inserts>,
     ) -> Self {
         let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
         Leader {
             nodes: Nodes::new(config.amqp_urls.clone()),
             window: Arc::new(Semaphore::new(config.max_in_flight)),
+            poll_at: Instant::now() + config.poll_interval,
             store,
             config,
             health,
-            wake,
+            inserts,
             publisher: None,
-            in_flight: HashSet::new(),
             outcomes_tx,
             outcomes,
+            held: HashSet::new(),
+            ready: VecDeque::new(),
+            keys: HashMap::new(),
+            failing: HashMap::new(),
+            floor: 0,
+            top: 0,
+            dirty: true,
             sent: Vec::new(),
             failed: Vec::new(),
+            released: None,
             first_mark_at: None,
-            dirty: true,
+            database_retry_at: None,
         }
     }
 
     /// Publishes until `stop`, then drains within the grace period.
-    ///
-    /// Claims and marks are batched: a claim waits until half the window (or a batch) is
-    /// free, so the database work of one half overlaps the confirms of the other; marks wait
-    /// for a batch, an idle window, or `MARK_DELAY`, whichever comes first.
     pub(super) async fn run(mut self, stop: &CancellationToken) {
         let mut reconnect = reconnect_backoff();
+        let mut operation: Option<Operation> = None;
         while !stop.is_cancelled() {
             self.collect();
-            if self.mark_due() && !self.flush().await {
-                self.wait(stop).await;
-                continue;
-            }
             if !self.connected() {
+                // Record what the last connection confirmed before waiting for the next one.
+                if let Some(operation) = operation.take() {
+                    self.done(operation.await);
+                }
+                if !self.sent.is_empty() || !self.failed.is_empty() {
+                    let mark = self.mark();
+                    self.done(mark.await);
+                }
                 if self.connect(&mut reconnect, stop).await {
                     reconnect = reconnect_backoff();
-                    self.dirty = true;
                 }
                 continue;
             }
-            if self.dirty && self.claim_due() {
-                let (claimed, limit) = self.claim_and_publish().await;
-                self.dirty = limit > 0 && claimed == limit;
-                if self.dirty {
-                    continue;
-                }
+            self.publish_ready();
+            if operation.is_none() {
+                operation = self.next_operation();
             }
-            self.wait(stop).await;
+            let wake_at = self.wake_at();
+            tokio::select! {
+                done = async { operation.as_mut().expect("checked").await }, if operation.is_some() => {
+                    operation = None;
+                    self.done(done);
+                }
+                Some(outcome) = self.outcomes.recv() => self.record(outcome),
+                _ = self.inserts.notified() => {}
+                _ = self.health.broker_changed.notified() => {}
+                _ = tokio::time::sleep_until(wake_at) => self.timers(),
+                _ = stop.cancelled() => {}
+            }
+        }
+        if let Some(operation) = operation {
+            self.done(operation.await);
         }
         self.drain().await;
     }
@@ -123,20 +192,9 @@ impl<S: Store> Leader<S> {
         self.config.max_in_flight - self.window.available_permits()
     }
 
-    /// Enough of the window is free for a claim worth its query.
-    fn claim_due(&self) -> bool {
-        let half = (self.config.max_in_flight / 2).clamp(1, self.config.batch_size);
-        self.window.available_permits() >= half || self.outstanding() == 0
-    }
-
-    /// The marks waiting are a batch, the window is idle, or the oldest has waited long enough.
-    fn mark_due(&self) -> bool {
-        let waiting = self.sent.len() + self.failed.len();
-        waiting >= self.config.batch_size
-            || (waiting > 0 && self.outstanding() == 0)
-            || self
-                .first_mark_at
-                .is_some_and(|t| t.elapsed() >= MARK_DELAY)
+    /// Rows held at most: the window, plus a batch claimed ahead, plus a batch being marked.
+    fn capacity(&self) -> usize {
+        self.config.max_in_flight + 2 * self.config.batch_size
     }
 
     /// The publisher is open; a broken one is dropped (its rows come back as connection failures).
@@ -195,54 +253,194 @@ impl<S: Store> Leader<S> {
         }
     }
 
-    /// Claims what the window allows and hands the rows to the publish task; returns
-    /// (claimed, limit).
-    async fn claim_and_publish(&mut self) -> (usize, usize) {
+    /// Hands ready rows to the publish task while the window has room and the broker is not
+    /// blocking us (a publish sent while blocked would only wait).
+    fn publish_ready(&mut self) {
         let Some((_, pipeline)) = &self.publisher else {
-            return (0, 0);
+            return;
         };
         if self.health.blocked().is_some() {
-            return (0, 0);
+            return;
         }
-        let limit = self.config.batch_size.min(self.window.available_permits());
-        if limit == 0 {
-            return (0, 0);
-        }
-        let exclude: Vec<i64> = self.in_flight.iter().copied().collect();
-        let rows = match self.store.claim(limit, &exclude).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                self.database_failed(&e);
-                return (0, limit);
-            }
-        };
-        self.health.set_database_ok(true);
-        let claimed = rows.len();
-        for row in rows {
-            let permit = self
-                .window
-                .clone()
-                .try_acquire_owned()
-                .expect("claim is bounded by free permits");
-            self.in_flight.insert(row.id);
+        while !self.ready.is_empty() {
+            let Ok(permit) = self.window.clone().try_acquire_owned() else {
+                return;
+            };
+            let row = self.ready.pop_front().expect("not empty");
             pipeline.publish(row, permit);
         }
-        (claimed, limit)
     }
 
-    /// Waits for something to do: an outcome, a mark falling due, a notification, a broker
-    /// change, the poll interval.
-    async fn wait(&mut self, stop: &CancellationToken) {
-        let mark_at = self
+    /// The database operation to start now, if any: a full batch of marks first (they bound
+    /// what is held), then a claim if there is room, then marks that are due.
+    fn next_operation(&mut self) -> Option<Operation> {
+        if self.database_retry_at.is_some_and(|t| t > Instant::now()) {
+            return None;
+        }
+        self.database_retry_at = None;
+        let waiting = self.sent.len() + self.failed.len();
+        if waiting >= self.config.batch_size {
+            return Some(self.mark());
+        }
+        if let Some(claim) = self.claim() {
+            return Some(claim);
+        }
+        let idle = self.outstanding() == 0 && self.ready.is_empty();
+        let due = self
             .first_mark_at
-            .map(|t| tokio::time::Instant::from_std(t + MARK_DELAY));
-        tokio::select! {
-            Some(outcome) = self.outcomes.recv() => self.record(outcome),
-            _ = tokio::time::sleep_until(mark_at.unwrap_or_else(tokio::time::Instant::now)), if mark_at.is_some() => {}
-            _ = self.wake.notified() => self.dirty = true,
-            _ = self.health.broker_changed.notified() => self.dirty = true,
-            _ = tokio::time::sleep(self.config.poll_interval) => self.dirty = true,
-            _ = stop.cancelled() => {}
+            .is_some_and(|t| t.elapsed() >= MARK_DELAY);
+        (waiting > 0 && (idle || due)).then(|| self.mark())
+    }
+
+    /// A claim of what room allows from the floor, if rows may be claimable and the broker
+    /// takes them.
+    fn claim(&mut self) -> Option<Operation> {
+        if let Some(from) = self.inserts.take() {
+            // Below the floor only if committed late (or the whole table is asked for).
+            self.floor = self.floor.min(from);
+            self.dirty = true;
+        }
+        let room = self.capacity().saturating_sub(self.held.len());
+        let worth_it = room >= self.config.batch_size / 2 || self.ready.is_empty();
+        if !self.dirty || room == 0 || !worth_it || self.health.blocked().is_some() {
+            return None;
+        }
+        let limit = room.min(self.config.batch_size);
+        let from = self.floor;
+        let skip: Vec<i64> = self.held.iter().copied().filter(|&id| id >= from).collect();
+        let store = self.store.clone();
+        Some(Box::pin(async move {
+            let rows = store.claim(limit, from, &skip).await;
+            Done::Claimed { limit, rows }
+        }))
+    }
+
+    /// A mark of every confirm and failure waiting.
+    fn mark(&mut self) -> Operation {
+        let sent = std::mem::take(&mut self.sent);
+        let failed = std::mem::take(&mut self.failed);
+        let released = self.released.take();
+        self.first_mark_at = None;
+        let store = self.store.clone();
+        let max_attempts = self.config.max_attempts;
+        Box::pin(async move {
+            let result = store.mark(&sent, &failed, max_attempts).await;
+            Done::Marked {
+                sent,
+                failed,
+                released,
+                result,
+            }
+        })
+    }
+
+    /// Takes in what a database operation came back with.
+    fn done(&mut self, done: Done) {
+        match done {
+            Done::Claimed { limit, rows } => match rows {
+                Ok(rows) => {
+                    self.health.set_database_ok(true);
+                    let full = rows.len() == limit;
+                    let last = rows.last().map(|r| r.id);
+                    for row in rows {
+                        self.take(row);
+                    }
+                    // Everything claimable from the floor up to here is now held.
+                    self.floor = match (full, last) {
+                        (true, Some(last)) => last + 1,
+                        _ => self.top + 1,
+                    };
+                    self.dirty = full;
+                }
+                Err(e) => self.database_failed(&e),
+            },
+            Done::Marked {
+                mut sent,
+                mut failed,
+                released,
+                result,
+            } => match result {
+                Ok(()) => {
+                    metrics::counter!(m::PUBLISHED).increment(sent.len() as u64);
+                    for id in sent.iter().chain(failed.iter().map(|f| &f.id)) {
+                        self.held.remove(id);
+                    }
+                    // Their failures are in the table now: the claims hold their keys back.
+                    self.failing
+                        .retain(|_, id| !failed.iter().any(|f| f.id == *id));
+                    if let Some(id) = released {
+                        self.floor = self.floor.min(id);
+                        self.dirty = true;
+                    }
+                }
+                Err(e) => {
+                    self.database_failed(&e);
+                    sent.append(&mut self.sent);
+                    failed.append(&mut self.failed);
+                    self.sent = sent;
+                    self.failed = failed;
+                    self.released = self.released.min(released).or(released);
+                    self.first_mark_at.get_or_insert_with(Instant::now);
+                }
+            },
+        }
+    }
+
+    /// Holds a claimed row: ready if its key has nothing ahead, else behind its key's rows.
+    fn take(&mut self, row: OutboxRow) {
+        self.top = self.top.max(row.id);
+        let Some(key) = &row.ordering_key else {
+            self.held.insert(row.id);
+            self.ready.push_back(row);
+            return;
+        };
+        if self.failing.contains_key(key) {
+            // Claimed before the failure was marked: found again once its key is released.
+            return;
+        }
+        self.held.insert(row.id);
+        match self.keys.get_mut(key) {
+            Some(behind) => {
+                // Normally the last; a row committed late goes among the others by id.
+                let at = behind.partition_point(|r| r.id < row.id);
+                behind.insert(at, row);
+            }
+            None => {
+                self.keys.insert(key.clone(), VecDeque::new());
+                self.ready.push_back(row);
+            }
+        }
+    }
+
+    /// The next row of a confirmed row's key becomes ready.
+    fn release_key(&mut self, key: &str) {
+        match self.keys.get_mut(key).and_then(VecDeque::pop_front) {
+            Some(next) => self.ready.push_back(next),
+            None => {
+                self.keys.remove(key);
+            }
+        }
+    }
+
+    /// The earliest of the timers: a mark falling due, a database retry, the poll.
+    fn wake_at(&self) -> Instant {
+        let mark = self.first_mark_at.map(|t| t + MARK_DELAY);
+        [mark, self.database_retry_at, Some(self.poll_at)]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("the poll is always set")
+    }
+
+    /// Without notifications, looks at the whole table every poll interval.
+    fn timers(&mut self) {
+        let now = Instant::now();
+        if now >= self.poll_at {
+            self.poll_at = now + self.config.poll_interval;
+            if !self.inserts.listening() {
+                self.floor = 0;
+                self.dirty = true;
+            }
         }
     }
 
@@ -253,7 +451,9 @@ impl<S: Store> Leader<S> {
         }
     }
 
-    /// Sorts one outcome into the marks to write (or releases the row at once).
+    /// Sorts one outcome: a confirm releases its key's next row; a failure of the row's own
+    /// making is marked and drops its key's rows held behind it; an interruption puts the row
+    /// back to be published first.
     fn record(&mut self, Outcome { row, result }: Outcome) {
         let error = match result {
             Ok(()) => {
@@ -264,6 +464,12 @@ impl<S: Store> Leader<S> {
                 metrics::histogram!(m::PUBLISH_LATENCY).record((now - row.created_at).max(0.0));
                 self.first_mark_at.get_or_insert_with(Instant::now);
                 self.sent.push(row.id);
+                if row.attempts > 0 {
+                    self.released = Some(self.released.map_or(row.id, |r| r.min(row.id)));
+                }
+                if let Some(key) = &row.ordering_key {
+                    self.release_key(key);
+                }
                 return;
             }
             Err(error) => error,
@@ -285,10 +491,9 @@ impl<S: Store> Leader<S> {
         let not_the_rows_fault = matches!(error, PublishError::Connection(_))
             || (error == PublishError::Timeout && self.health.blocked().is_some());
         if not_the_rows_fault {
-            // No attempt is counted: the row is claimable again once a connection is open.
+            // No attempt is counted; its key stays taken, so it goes out first again.
             tracing::debug!(message_id = %row.message_id, %error, "publish interrupted; will publish again");
-            self.in_flight.remove(&row.id);
-            self.dirty = true;
+            self.ready.push_front(row);
             return;
         }
         let attempt = row.attempts as u32 + 1;
@@ -298,6 +503,12 @@ impl<S: Store> Leader<S> {
             message_id = %row.message_id, exchange = %row.exchange, routing_key = %row.routing_key,
             ordering_key = row.ordering_key.as_deref(), attempt, dead, %error, "publish failed"
         );
+        if let Some(key) = &row.ordering_key {
+            for behind in self.keys.remove(key).into_iter().flatten() {
+                self.held.remove(&behind.id);
+            }
+            self.failing.insert(key.clone(), row.id);
+        }
         self.first_mark_at.get_or_insert_with(Instant::now);
         self.failed.push(Failure {
             id: row.id,
@@ -307,42 +518,16 @@ impl<S: Store> Leader<S> {
         });
     }
 
-    /// Writes the pending marks in one transaction; returns false (keeping them) if it failed.
-    async fn flush(&mut self) -> bool {
-        if self.sent.is_empty() && self.failed.is_empty() {
-            return true;
-        }
-        if let Err(e) = self
-            .store
-            .mark(&self.sent, &self.failed, self.config.max_attempts)
-            .await
-        {
-            self.database_failed(&e);
-            return false;
-        }
-        metrics::counter!(m::PUBLISHED).increment(self.sent.len() as u64);
-        for id in self
-            .sent
-            .drain(..)
-            .chain(self.failed.drain(..).map(|f| f.id))
-        {
-            self.in_flight.remove(&id);
-        }
-        // The next rows of the keys just marked may now be claimed.
-        self.first_mark_at = None;
-        self.dirty = true;
-        true
-    }
-
-    fn database_failed(&self, e: &crate::Error) {
+    fn database_failed(&mut self, e: &crate::Error) {
         self.health.set_database_ok(false);
+        self.database_retry_at = Some(Instant::now() + DATABASE_RETRY);
         tracing::warn!(error = %e, source = ?std::error::Error::source(e), "database unavailable: retrying");
     }
 
-    /// Stops claiming; waits up to the grace period for outstanding confirms, marks them,
+    /// Stops publishing; waits up to the grace period for outstanding confirms, marks them,
     /// and names what it had to abandon (those rows stay pending and are published again).
     async fn drain(mut self) {
-        let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
+        let deadline = Instant::now() + self.config.shutdown_grace;
         while self.outstanding() > 0 {
             match tokio::time::timeout_at(deadline, self.outcomes.recv()).await {
                 Ok(Some(outcome)) => self.record(outcome),
@@ -351,7 +536,11 @@ impl<S: Store> Leader<S> {
         }
         self.collect();
         let outstanding = self.outstanding();
-        if !self.flush().await {
+        if !self.sent.is_empty() || !self.failed.is_empty() {
+            let mark = self.mark();
+            self.done(mark.await);
+        }
+        if !self.sent.is_empty() || !self.failed.is_empty() {
             tracing::warn!(
                 rows = self.sent.len() + self.failed.len(),
                 "could not record the last confirms: those rows will be published again"

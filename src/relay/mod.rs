@@ -10,15 +10,17 @@ mod leader;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::Health;
 use crate::config::RelayConfig;
-use crate::store::{Lease, Store};
+use crate::store::{Inserts, Lease, Store};
 
 /// Rows deleted per retention statement: bounded, so no purge holds locks for long.
 const PURGE_BATCH: i64 = 1000;
+
+/// How long the leadership connection may take to answer before leadership counts as lost.
+const LEASE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Runs the relay until `shutdown` is cancelled, then drains (see [`RelayConfig::shutdown_grace`]).
 ///
@@ -69,26 +71,28 @@ async fn lead<S: Store>(
     health.set_leader(true);
     let stop = shutdown.child_token();
     let lost = CancellationToken::new();
-    let wake = Arc::new(Notify::new());
+    let inserts = Arc::new(Inserts::default());
     let helpers = [
         tokio::spawn(keep_lease(
             lease,
             config.leader_check,
+            health.clone(),
+            inserts.clone(),
             lost.clone(),
             stop.clone(),
         )),
         tokio::spawn(purge_sent(store.clone(), stop.clone())),
         tokio::spawn({
-            let (store, wake, stop) = (store.clone(), wake.clone(), stop.clone());
+            let (store, inserts, stop) = (store.clone(), inserts.clone(), stop.clone());
             async move {
                 tokio::select! {
-                    _ = store.watch_inserts(wake) => {}
+                    _ = store.watch_inserts(inserts) => {}
                     _ = stop.cancelled() => {}
                 }
             }
         }),
     ];
-    leader::Leader::new(store.clone(), config.clone(), health.clone(), wake)
+    leader::Leader::new(store.clone(), config.clone(), health.clone(), inserts)
         .run(&stop)
         .await;
     if lost.is_cancelled() {
@@ -101,30 +105,51 @@ async fn lead<S: Store>(
     health.set_leader(false);
 }
 
-/// Checks the lease every `every`; when it is gone, cancels `lost` and `stop`. Dropping the
-/// lease at the end (when `stop` is cancelled) releases leadership.
+/// Reads the table's figures on the lease's connection every `every`: one query both keeps
+/// the gauges fresh and checks leadership. When a failed row's retry falls due it tells the
+/// leader to look at the whole table. When the lease is gone, cancels `lost` and `stop`;
+/// dropping the lease at the end (when `stop` is cancelled) releases leadership.
 async fn keep_lease<L: Lease>(
     mut lease: L,
     every: Duration,
+    health: Arc<Health>,
+    inserts: Arc<Inserts>,
     lost: CancellationToken,
     stop: CancellationToken,
 ) {
     loop {
+        match tokio::time::timeout(LEASE_TIMEOUT, lease.stats()).await {
+            Ok(Ok(stats)) => {
+                if stats.next_retry_in_seconds.is_some_and(|s| s <= 0.0) {
+                    inserts.committed(0);
+                }
+                health.set_database_ok(true);
+                health.set_stats(stats);
+            }
+            _ => {
+                lost.cancel();
+                stop.cancel();
+                return;
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
-        if !lease.alive().await {
-            lost.cancel();
-            stop.cancel();
-            return;
-        }
     }
 }
 
-/// Keeps the gauges and `/readyz` within a second of the table.
+/// Keeps the gauges and `/readyz` of a standby within a second of the table (a leader reads
+/// them in [`keep_lease`]).
 async fn refresh_stats<S: Store>(store: S, health: Arc<Health>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
+        if health.is_leader() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            continue;
+        }
         match store.stats().await {
             Ok(stats) => {
                 health.set_database_ok(true);

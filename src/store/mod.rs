@@ -8,10 +8,10 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use crate::message::OutboxRow;
 use crate::{Result, TableName};
@@ -52,6 +52,8 @@ pub struct Stats {
     pub oldest_pending_age_seconds: f64,
     /// Rows in the dead state.
     pub dead: i64,
+    /// Seconds until the next failed row may be retried (negative: overdue), if any waits.
+    pub next_retry_in_seconds: Option<f64>,
 }
 
 /// A dead row as `outbox dead list` shows it.
@@ -75,8 +77,64 @@ pub struct DeadRow {
 
 /// Leadership of one table, held until dropped or until the database connection is lost.
 pub trait Lease: Send + 'static {
-    /// Whether leadership is still held; `false` means stop publishing at once.
-    fn alive(&mut self) -> impl Future<Output = bool> + Send;
+    /// The table's figures, read on the connection that holds leadership: an answer also
+    /// proves leadership is still held, and an error means stop publishing at once.
+    fn stats(&mut self) -> impl Future<Output = Result<Stats>> + Send;
+}
+
+/// What the leader hears of new rows: the smallest id committed since it last looked, and
+/// whether notifications arrive at all (if not, the leader polls).
+#[derive(Debug)]
+pub struct Inserts {
+    /// The smallest id reported since the last [`Inserts::take`]; `i64::MAX` for none.
+    from: AtomicI64,
+    /// Notifications are being received.
+    listening: AtomicBool,
+    /// Wakes the leader.
+    notify: tokio::sync::Notify,
+}
+
+impl Default for Inserts {
+    fn default() -> Self {
+        Inserts {
+            from: AtomicI64::new(i64::MAX),
+            listening: AtomicBool::new(false),
+            notify: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl Inserts {
+    /// Rows with ids from `from` up may have become claimable (0: look at the whole table).
+    pub fn committed(&self, from: i64) {
+        self.from.fetch_min(from, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// Records whether notifications are being received.
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::SeqCst);
+    }
+
+    /// Whether notifications are being received.
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
+    }
+
+    /// The smallest id reported since the last call, if any.
+    pub fn take(&self) -> Option<i64> {
+        Some(self.from.swap(i64::MAX, Ordering::SeqCst)).filter(|&id| id != i64::MAX)
+    }
+
+    /// Whether something was reported since the last [`Inserts::take`].
+    pub fn pending(&self) -> bool {
+        self.from.load(Ordering::SeqCst) != i64::MAX
+    }
+
+    /// Resolves at the next report.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
 }
 
 /// What the relay and the CLI need from a database.
@@ -93,12 +151,14 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Takes the table's leadership if no other relay holds it.
     fn try_lead(&self) -> impl Future<Output = Result<Option<Self::Lease>>> + Send;
 
-    /// Up to `limit` rows due for publishing, oldest first, skipping `in_flight`, and holding
-    /// back every row whose ordering key has an earlier unsent row.
+    /// Up to `limit` rows due for publishing with ids from `from` up, oldest first, skipping
+    /// `held` (rows the leader already has), and holding back every row whose ordering key
+    /// has an earlier row that failed (dead, or pending with attempts).
     fn claim(
         &self,
         limit: usize,
-        in_flight: &[i64],
+        from: i64,
+        held: &[i64],
     ) -> impl Future<Output = Result<Vec<OutboxRow>>> + Send;
 
     /// Records confirmed rows as sent and failed attempts, in one transaction.
@@ -128,7 +188,8 @@ pub trait Store: Clone + Send + Sync + 'static {
         message_ids: Option<&[String]>,
     ) -> impl Future<Output = Result<u64>> + Send;
 
-    /// Runs until dropped, calling `wake.notify_one()` when new rows are committed.
-    /// A backend without notifications returns at once: polling covers it.
-    fn watch_inserts(&self, wake: Arc<Notify>) -> impl Future<Output = ()> + Send;
+    /// Runs until dropped, reporting committed rows to `inserts` and keeping its
+    /// `listening` flag true while notifications arrive. A backend without notifications
+    /// returns at once: polling covers it.
+    fn watch_inserts(&self, inserts: Arc<Inserts>) -> impl Future<Output = ()> + Send;
 }

@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, SqlSafeStr, SqlStr};
-use tokio::sync::Notify;
-
 use super::migrate::{Migration, history_table, render};
-use super::{DeadRow, Failure, Lease, Stats, Store, StoreOptions};
+use super::{DeadRow, Failure, Inserts, Lease, Stats, Store, StoreOptions};
 use crate::Result;
 use crate::message::OutboxRow;
 
@@ -23,6 +21,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "0002_inbox.sql",
         sql: include_str!("../../migrations/postgres/0002_inbox.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_claim_ahead.sql",
+        sql: include_str!("../../migrations/postgres/0003_claim_ahead.sql"),
     },
 ];
 
@@ -68,11 +71,13 @@ impl Statements {
                         o.headers::text AS headers,
                         extract(epoch FROM o.created_at)::float8 AS created_at, o.attempts
                  FROM {t} o
-                 WHERE o.state = 'pending' AND o.next_attempt_at <= now() AND o.id <> ALL($1)
+                 WHERE o.state = 'pending' AND o.id >= $1 AND o.next_attempt_at <= now()
+                   AND o.id <> ALL($2)
                    AND (o.ordering_key IS NULL OR NOT EXISTS (
                         SELECT 1 FROM {t} e WHERE e.ordering_key = o.ordering_key
-                          AND e.id < o.id AND e.state <> 'sent'))
-                 ORDER BY o.id LIMIT $2"
+                          AND e.id < o.id
+                          AND (e.state = 'dead' OR (e.state = 'pending' AND e.attempts > 0))))
+                 ORDER BY o.id LIMIT $3"
             )),
             sent: stmt(sent),
             failed: stmt(format!(
@@ -89,7 +94,10 @@ impl Statements {
                         COALESCE((SELECT extract(epoch FROM now() - created_at)::float8
                                   FROM {t} WHERE state = 'pending' ORDER BY id LIMIT 1), 0)
                             AS oldest_pending_age_seconds,
-                        (SELECT count(*) FROM {t} WHERE state = 'dead') AS dead"
+                        (SELECT count(*) FROM {t} WHERE state = 'dead') AS dead,
+                        (SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
+                         FROM {t} WHERE state = 'pending' AND attempts > 0)
+                            AS next_retry_in_seconds"
             )),
             blocked_keys: stmt(format!(
                 "SELECT DISTINCT ordering_key FROM {t}
@@ -150,16 +158,25 @@ impl PgStore {
 pub struct PgLease {
     /// The connection that holds the lock; losing it loses leadership.
     conn: PgConnection,
+    /// The statements, for the figures read on this connection.
+    sql: Arc<Statements>,
 }
 
 impl Lease for PgLease {
-    async fn alive(&mut self) -> bool {
-        let ping = sqlx::query("SELECT 1").execute(&mut self.conn);
-        matches!(
-            tokio::time::timeout(Duration::from_secs(3), ping).await,
-            Ok(Ok(_))
-        )
+    async fn stats(&mut self) -> Result<Stats> {
+        read_stats(&mut self.conn, &self.sql).await
     }
+}
+
+async fn read_stats(conn: &mut PgConnection, sql: &Statements) -> Result<Stats> {
+    let (pending, oldest_pending_age_seconds, dead, next_retry_in_seconds) =
+        sqlx::query_as(sql.stats.clone()).fetch_one(conn).await?;
+    Ok(Stats {
+        pending,
+        oldest_pending_age_seconds,
+        dead,
+        next_retry_in_seconds,
+    })
 }
 
 impl Store for PgStore {
@@ -212,12 +229,16 @@ impl Store for PgStore {
             .bind(format!("outbox relay {}", self.opts.table))
             .fetch_one(&mut conn)
             .await?;
-        Ok(got.then_some(PgLease { conn }))
+        Ok(got.then_some(PgLease {
+            conn,
+            sql: self.sql.clone(),
+        }))
     }
 
-    async fn claim(&self, limit: usize, in_flight: &[i64]) -> Result<Vec<OutboxRow>> {
+    async fn claim(&self, limit: usize, from: i64, held: &[i64]) -> Result<Vec<OutboxRow>> {
         Ok(sqlx::query_as(self.sql.claim.clone())
-            .bind(in_flight)
+            .bind(from)
+            .bind(held)
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?)
@@ -253,14 +274,7 @@ impl Store for PgStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
-        let (pending, oldest_pending_age_seconds, dead) = sqlx::query_as(self.sql.stats.clone())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(Stats {
-            pending,
-            oldest_pending_age_seconds,
-            dead,
-        })
+        read_stats(&mut *self.pool.acquire().await?, &self.sql).await
     }
 
     async fn blocked_keys(&self) -> Result<Vec<String>> {
@@ -292,17 +306,24 @@ impl Store for PgStore {
         Ok(n as u64)
     }
 
-    async fn watch_inserts(&self, wake: Arc<Notify>) {
+    async fn watch_inserts(&self, inserts: Arc<Inserts>) {
         let channel = self.opts.table.as_str();
         loop {
             match PgListener::connect_with(&self.pool).await {
                 Ok(mut listener) => match listener.listen(channel).await {
                     Ok(()) => {
-                        // Rows committed while nobody listened are found by this wake-up.
-                        wake.notify_one();
-                        while listener.recv().await.is_ok() {
-                            wake.notify_one();
+                        inserts.set_listening(true);
+                        // Rows committed while nobody listened are found by a look at the
+                        // whole table.
+                        inserts.committed(0);
+                        // The payload is the smallest id a statement inserted; anything else
+                        // (`outbox dead retry` sends none) asks for the whole table.
+                        // `try_recv` says when the connection was lost (`recv` would
+                        // reconnect silently, losing what was sent meanwhile): start over.
+                        while let Ok(Some(n)) = listener.try_recv().await {
+                            inserts.committed(n.payload().parse().unwrap_or(0));
                         }
+                        inserts.set_listening(false);
                     }
                     Err(e) => tracing::debug!(error = %e, "LISTEN failed"),
                 },
