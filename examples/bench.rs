@@ -198,7 +198,7 @@ async fn inbox_consumer(
     run.await?;
 
     fill(conn, &queue, n).await?;
-    let plain = plain_consumer(conn, &queue, n).await?;
+    let plain = plain_consumer(conn, &queue, n, config.prefetch).await?;
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
@@ -237,10 +237,15 @@ async fn fill(conn: &Connection, queue: &str, n: usize) -> anyhow::Result<()> {
 }
 
 /// Consumes `n` messages with the same prefetch, acking each without a database.
-async fn plain_consumer(conn: &Connection, queue: &str, n: usize) -> anyhow::Result<f64> {
+async fn plain_consumer(
+    conn: &Connection,
+    queue: &str,
+    n: usize,
+    prefetch: u16,
+) -> anyhow::Result<f64> {
     let channel = conn.create_channel().await?;
     channel
-        .basic_qos(64, lapin::options::BasicQosOptions::default())
+        .basic_qos(prefetch, lapin::options::BasicQosOptions::default())
         .await?;
     let mut deliveries = channel
         .basic_consume(
@@ -329,9 +334,26 @@ async fn raw_ceiling(conn: &Connection, kind: QueueKind, n: usize) -> anyhow::Re
     for i in 0..n {
         let permit = window.clone().acquire_owned().await?;
         let (channel, queue, body) = (channel.clone(), queue.clone(), body.as_bytes());
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_message_id(i.to_string().into());
+        let v = std::env::var("BENCH_PROPS").unwrap_or_default();
+        let props = if !v.is_empty() {
+            let mut p = BasicProperties::default().with_delivery_mode(2);
+            if v.contains('c') {
+                p = p.with_content_type("application/json".into());
+            }
+            if v.contains('t') {
+                p = p.with_timestamp(1_700_000_000 + i as u64);
+            }
+            p = if v.contains('u') {
+                p.with_message_id(uuid::Uuid::new_v4().to_string().into())
+            } else {
+                p.with_message_id(i.to_string().into())
+            };
+            p
+        } else {
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(i.to_string().into())
+        };
         confirms.push(async move {
             let c = channel
                 .basic_publish(
@@ -387,10 +409,10 @@ async fn backlog_drain(
     let queue = declare(&channel, kind).await?;
     sqlx::query(
         "INSERT INTO outbox (routing_key, ordering_key, payload)
-         SELECT $1, 'key-' || (i % $2), $3::jsonb FROM generate_series(1, $4) i",
+         SELECT $1, CASE WHEN $2 > 1 THEN 'key-' || (i % $2) END, $3::jsonb FROM generate_series(1, $4) i",
     )
     .bind(&queue)
-    .bind(KEYS as i64)
+    .bind(std::env::var("BENCH_KEYS").map_or(KEYS as i64, |v| v.parse().unwrap()))
     .bind(payload())
     .bind(n as i64)
     .execute(&db.pool)
@@ -408,7 +430,7 @@ async fn backlog_drain(
             start.elapsed() < Duration::from_secs(600),
             "drain took over 10 minutes"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
     peak = peak.max(relay.peak_rss_mib());
@@ -478,7 +500,10 @@ impl RelayProcess {
     fn start(bin: &std::path::Path, db: &str, amqp: &str) -> anyhow::Result<Self> {
         let child = Command::new(bin)
             .arg("relay")
-            .env("DATABASE_URL", db)
+            .env(
+                "DATABASE_URL",
+                format!("{db}?options=-c%20synchronous_commit%3Doff"),
+            )
             .env("AMQP_URL", amqp)
             .env("OUTBOX_HTTP_ADDR", "")
             .env("OUTBOX_MAX_IN_FLIGHT", WINDOW.to_string())

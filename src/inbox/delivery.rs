@@ -1,5 +1,6 @@
-//! One delivery: dedupe and apply in one transaction, retry, dead-letter, ack.
+//! Deliveries: dedupe and apply in one transaction (a batch at a time), retry, dead-letter, ack.
 
+use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,8 +67,10 @@ pub(super) struct Context<T, H> {
     pool: PgPool,
     /// The consumer's name in the inbox.
     consumer: String,
-    /// `INSERT ... ON CONFLICT DO NOTHING` into the inbox table.
+    /// `INSERT ... ON CONFLICT DO NOTHING` of one message id into the inbox table.
     record: SqlStr,
+    /// The same for many ids, returning those inserted now.
+    record_many: SqlStr,
     /// The service's handler.
     handler: H,
     /// Handler attempts before dead-lettering.
@@ -87,14 +90,19 @@ where
     H: Handler<T>,
 {
     pub(super) fn new(pool: PgPool, config: &ConsumerConfig, handler: H) -> Self {
+        let t = &config.table;
         let record = format!(
-            "INSERT INTO {}_inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            config.table
+            "INSERT INTO {t}_inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        );
+        let record_many = format!(
+            "INSERT INTO {t}_inbox (consumer, message_id) SELECT $1, unnest($2::text[])
+             ON CONFLICT DO NOTHING RETURNING message_id"
         );
         Context {
             pool,
             consumer: config.consumer.clone(),
             record: AssertSqlSafe(record).into_sql_str(),
+            record_many: AssertSqlSafe(record_many).into_sql_str(),
             handler,
             max_attempts: config.max_attempts.max(1),
             retry: ExponentialBuilder::default()
@@ -108,10 +116,52 @@ where
         }
     }
 
-    /// Applies (or skips, or dead-letters) one delivery, then acks it.
-    pub(super) async fn process(&self, delivery: Delivery, dead: &Arc<Mutex<Channel>>) {
+    /// Applies a batch of deliveries in one transaction and acks them together. If anything
+    /// in the batch fails, the transaction is rolled back and each delivery is applied on
+    /// its own, so a failing message retries and dead-letters alone.
+    pub(super) async fn process(&self, deliveries: Vec<Delivery>, dead: &Arc<Mutex<Channel>>) {
+        let mut parsed = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match self.parse(&delivery) {
+                Ok(message) => parsed.push((delivery, message)),
+                Err(reason) => {
+                    let verdict = Verdict::Dead {
+                        reason,
+                        attempts: 0,
+                    };
+                    self.settle(delivery, verdict, dead).await;
+                }
+            }
+        }
+        if parsed.len() > 1 {
+            match self.apply_batch(&parsed).await {
+                Ok(fresh) => {
+                    let acks = parsed.into_iter().zip(fresh).map(|((delivery, _), fresh)| {
+                        let verdict = if fresh {
+                            Verdict::Applied
+                        } else {
+                            Verdict::Duplicate
+                        };
+                        self.settle(delivery, verdict, dead)
+                    });
+                    futures_util::future::join_all(acks).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(consumer = %self.consumer, error = %e, "batch rolled back: applying its messages one by one");
+                }
+            }
+        }
+        for (delivery, message) in parsed {
+            let verdict = self.verdict(&message).await;
+            self.settle(delivery, verdict, dead).await;
+        }
+    }
+
+    /// Counts the verdict, dead-letters if so, and acks.
+    async fn settle(&self, delivery: Delivery, verdict: Verdict, dead: &Arc<Mutex<Channel>>) {
         let label = ("consumer", self.consumer.clone());
-        match self.verdict(&delivery).await {
+        match verdict {
             Verdict::Applied => metrics::counter!(m::INBOX_HANDLED, &[label]).increment(1),
             Verdict::Duplicate => metrics::counter!(m::INBOX_DUPLICATES, &[label]).increment(1),
             Verdict::Dead { reason, attempts } => {
@@ -148,38 +198,32 @@ where
         }
     }
 
-    async fn verdict(&self, delivery: &Delivery) -> Verdict {
-        let Some(message_id) = delivery
+    /// The message id and decoded body, or why the delivery can never be applied.
+    fn parse(&self, delivery: &Delivery) -> Result<Incoming<T>, String> {
+        let message_id = delivery
             .properties
             .message_id()
             .as_ref()
             .map(|s| s.to_string())
             .filter(|s| !s.is_empty())
-        else {
-            return Verdict::Dead {
-                reason: "delivery has no message_id: it cannot be deduplicated".into(),
-                attempts: 0,
-            };
-        };
-        let body = match serde_json::from_slice::<T>(&delivery.data) {
-            Ok(body) => body,
-            Err(e) => {
-                return Verdict::Dead {
-                    reason: format!("body is not the expected JSON: {e}"),
-                    attempts: 0,
-                };
-            }
-        };
-        let message = Incoming {
+            .ok_or("delivery has no message_id: it cannot be deduplicated")?;
+        let body = serde_json::from_slice::<T>(&delivery.data)
+            .map_err(|e| format!("body is not the expected JSON: {e}"))?;
+        Ok(Incoming {
             message_id,
             message_type: delivery.properties.kind().as_ref().map(|s| s.to_string()),
             routing_key: delivery.routing_key.to_string(),
             redelivered: delivery.redelivered,
             body,
-        };
+        })
+    }
+
+    /// Applies one message, retrying transient failures without counting and handler
+    /// failures up to `max_attempts`.
+    async fn verdict(&self, message: &Incoming<T>) -> Verdict {
         let (mut failures, mut delays) = (0, self.retry.build());
         loop {
-            match self.apply(&message).await {
+            match self.apply(message).await {
                 Ok(true) => return Verdict::Applied,
                 Ok(false) => return Verdict::Duplicate,
                 Err(e) if e.is_transient() => {
@@ -222,6 +266,38 @@ where
             .map_err(ApplyError::Handler)?;
         tx.commit().await.map_err(ApplyError::Database)?;
         Ok(true)
+    }
+
+    /// Records every message of the batch in one statement and runs the handler for those
+    /// not recorded before, all in one transaction; says for each whether it was applied
+    /// (the first delivery of an id applies it, any other is a duplicate).
+    async fn apply_batch(
+        &self,
+        batch: &[(Delivery, Incoming<T>)],
+    ) -> Result<Vec<bool>, ApplyError> {
+        let mut tx = self.pool.begin().await.map_err(ApplyError::Database)?;
+        let ids: Vec<&str> = batch.iter().map(|(_, m)| m.message_id.as_str()).collect();
+        let mut fresh: HashSet<String> = sqlx::query_scalar(self.record_many.clone())
+            .bind(&self.consumer)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(ApplyError::Database)?
+            .into_iter()
+            .collect();
+        let mut applied = Vec::with_capacity(batch.len());
+        for (_, message) in batch {
+            let is_fresh = fresh.remove(&message.message_id);
+            if is_fresh {
+                self.handler
+                    .handle(&mut tx, message)
+                    .await
+                    .map_err(ApplyError::Handler)?;
+            }
+            applied.push(is_fresh);
+        }
+        tx.commit().await.map_err(ApplyError::Database)?;
+        Ok(applied)
     }
 
     /// Publishes a copy to the dead-letter exchange with the reason and attempts in its

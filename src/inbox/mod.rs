@@ -6,6 +6,10 @@
 //! consume-then-publish is atomic) and commits; only then does it ack. A message whose id is
 //! already recorded is acked without running the handler again.
 //!
+//! Deliveries already received are applied as a batch, in one transaction, and acked
+//! together. If any of them fails the batch is rolled back and each is applied in its own
+//! transaction, so one failing message retries alone and never holds back the others.
+//!
 //! A handler that fails is retried with capped backoff up to `max_attempts`, then the
 //! message goes to the dead-letter queue `<queue>.dead` with the error and the attempt count
 //! in its headers (`x-outbox-error`, `x-outbox-attempts`); a delivery without a message id
@@ -81,10 +85,13 @@ pub struct ConsumerConfig {
     pub queue_type: QueueType,
     /// One connection attempt at most (default 10 s).
     pub connect_timeout: Duration,
-    /// Unacked deliveries the broker sends ahead (default 64).
+    /// Unacked deliveries the broker sends ahead (default 256).
     pub prefetch: u16,
-    /// Deliveries handled at once (default 8; 1 keeps the queue's order).
+    /// Batches handled at once (default 4; 1 keeps the queue's order).
     pub concurrency: usize,
+    /// Deliveries applied in one transaction at most (default 64): those already received
+    /// form a batch, so a quiet queue still handles each message as it comes.
+    pub batch: usize,
     /// Handler attempts before a message is dead-lettered (default 5).
     pub max_attempts: u32,
     /// First retry delay of a failed handler (default 100 ms).
@@ -114,8 +121,9 @@ impl ConsumerConfig {
             bindings: Vec::new(),
             queue_type: QueueType::Quorum,
             connect_timeout: Duration::from_secs(10),
-            prefetch: 64,
-            concurrency: 8,
+            prefetch: 256,
+            concurrency: 4,
+            batch: 64,
             max_attempts: 5,
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),

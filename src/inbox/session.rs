@@ -138,11 +138,16 @@ impl Session {
                     _ = closed(&self.conn) => tracing::warn!(consumer = %config.consumer, "consumer connection closed: reconnecting"),
                 }
             })
-            .for_each_concurrent(config.concurrency.max(1), |delivery| async {
-                match delivery {
-                    Ok(delivery) => ctx.process(delivery, &self.dead).await,
-                    Err(e) => tracing::warn!(consumer = %config.consumer, error = %e, "delivery stream failed"),
+            .ready_chunks(config.batch.max(1))
+            .for_each_concurrent(config.concurrency.max(1), |chunk| async {
+                let mut deliveries = Vec::with_capacity(chunk.len());
+                for delivery in chunk {
+                    match delivery {
+                        Ok(delivery) => deliveries.push(delivery),
+                        Err(e) => tracing::warn!(consumer = %config.consumer, error = %e, "delivery stream failed"),
+                    }
                 }
+                ctx.process(deliveries, &self.dead).await;
             })
             .await;
         let _ = self.conn.close(200, "consumer stopping".into()).await;

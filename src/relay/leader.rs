@@ -168,7 +168,7 @@ impl<S: Store> Leader<S> {
             if operation.is_none() {
                 operation = self.next_operation();
             }
-            let wake_at = self.wake_at();
+            let wake_at = self.wake_at(operation.is_some());
             tokio::select! {
                 done = async { operation.as_mut().expect("checked").await }, if operation.is_some() => {
                     operation = None;
@@ -192,9 +192,10 @@ impl<S: Store> Leader<S> {
         self.config.max_in_flight - self.window.available_permits()
     }
 
-    /// Rows held at most: the window, plus a batch claimed ahead, plus a batch being marked.
+    /// Rows held at most: the window, as many again claimed ahead (so that each key's next
+    /// row is at hand when its confirm comes), and two batches of confirms being marked.
     fn capacity(&self) -> usize {
-        self.config.max_in_flight + 2 * self.config.batch_size
+        2 * self.config.max_in_flight + 2 * self.config.batch_size
     }
 
     /// The publisher is open; a broken one is dropped (its rows come back as connection failures).
@@ -422,10 +423,12 @@ impl<S: Store> Leader<S> {
         }
     }
 
-    /// The earliest of the timers: a mark falling due, a database retry, the poll.
-    fn wake_at(&self) -> Instant {
+    /// The earliest of the timers: the poll, and while no database operation runs, a mark
+    /// falling due or a database retry.
+    fn wake_at(&self, operating: bool) -> Instant {
         let mark = self.first_mark_at.map(|t| t + MARK_DELAY);
-        [mark, self.database_retry_at, Some(self.poll_at)]
+        let database = [mark, self.database_retry_at].into_iter().flatten().min();
+        [database.filter(|_| !operating), Some(self.poll_at)]
             .into_iter()
             .flatten()
             .min()

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection, SqlSafeStr, SqlStr};
 use super::migrate::{Migration, history_table, render};
 use super::{DeadRow, Failure, Inserts, Lease, Stats, Store, StoreOptions};
 use crate::Result;
 use crate::message::OutboxRow;
+use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection, SqlSafeStr, SqlStr};
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
