@@ -1,12 +1,17 @@
-//! Run with: `cargo run --release --example bench [-- --rows 100000 --json --only drain|inbox]`
+//! Run with: `cargo run --release --example bench [-- --rows 100000 --json --only NAME]`
 //!
 //! Figures for the relay against the broker's own ceiling, measured in the same run on the
-//! local PostgreSQL and RabbitMQ (`BENCH_PG`, `AMQP_URL` override them):
-//! 1. raw ceiling: lapin alone publishing with confirms, same payload and window;
-//! 2. backlog drain: committed rows drained by the real `outbox relay` binary (release),
-//!    rows/s, its ratio to (1), and the relay's peak RSS;
-//! 3. inbox consumer: messages/s applied with exactly-once effects (one row each), against a
-//!    plain consumer that acks without a database.
+//! local PostgreSQL and RabbitMQ (`BENCH_PG`, `AMQP_URL` override them). Scenarios (`--only`
+//! runs those whose name contains NAME):
+//! - `raw`: lapin alone publishing with confirms, same window: bare messages (a short id), and
+//!   the relay's own messages (same body, the contract's properties): the ceiling;
+//! - `drain`: committed rows drained by the real `outbox relay` binary (release) into a
+//!   classic and a quorum queue: rows/s, ratio to the ceiling, peak RSS, CPU per 10k rows;
+//! - `scale`: the same with a 1M-row backlog, and with 10M sent rows kept in the table;
+//! - `latency`: single-row transactions at 100, 1,000 and 5,000 rows/s: insert-to-confirm and
+//!   commit-to-consumer percentiles;
+//! - `idle`: an idle relay's RSS and database queries per second;
+//! - `inbox`: the inbox consumer with exactly-once effects against a plain consumer.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -62,10 +67,11 @@ fn args() -> anyhow::Result<Args> {
         match arg.as_str() {
             "--rows" => a.rows = it.next().context("--rows needs a number")?.parse()?,
             "--json" => a.json = true,
-            "--only" => a.only = Some(it.next().context("--only needs drain or inbox")?),
-            other => {
-                bail!("unknown argument {other:?} (expected --rows N, --json, --only drain|inbox)")
-            }
+            "--only" => a.only = Some(it.next().context("--only needs a scenario name")?),
+            other => bail!(
+                "unknown argument {other:?} (expected --rows N, --json, \
+                 --only raw|drain|scale|latency|idle|inbox)"
+            ),
         }
     }
     Ok(a)
@@ -83,40 +89,102 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("RabbitMQ (start it with scripts/services.sh)")?;
     let mut report = Report::new(args.json);
-
     let wanted = |name: &str| args.only.as_deref().is_none_or(|only| name.contains(only));
-    for kind in [QueueKind::Classic, QueueKind::Quorum]
-        .into_iter()
-        .filter(|_| wanted("drain"))
-    {
-        let raw = raw_ceiling(&conn, kind, args.rows).await?;
+    let n = args.rows;
+
+    let mut classic_drain = None;
+    for kind in [QueueKind::Classic, QueueKind::Quorum] {
+        let scale = wanted("scale") && kind == QueueKind::Classic;
+        if !(wanted("raw") || wanted("drain") || scale) {
+            continue;
+        }
+        let bare = raw_ceiling(&conn, kind, n, Messages::Bare).await?;
         report.row(
-            &format!("raw ceiling, {} queue", kind.name()),
-            &[("msgs_per_s", raw)],
+            &format!("raw ceiling, bare messages, {} queue", kind.name()),
+            &[("msgs_per_s", bare)],
         );
-        let drain = backlog_drain(&pg, &amqp, &conn, &relay_bin, kind, args.rows).await?;
+        let raw = raw_ceiling(&conn, kind, n, Messages::Relay).await?;
         report.row(
-            &format!("backlog drain {} rows, {} queue", args.rows, kind.name()),
+            &format!("raw ceiling, the relay's messages, {} queue", kind.name()),
+            &[("msgs_per_s", raw), ("ratio_to_bare", raw / bare)],
+        );
+        if !wanted("drain") && !wanted("scale") {
+            continue;
+        }
+        let drain = backlog_drain(&pg, &amqp, &conn, &relay_bin, kind, n, 0).await?;
+        report.drain(
+            &format!("backlog drain {n} rows, {} queue", kind.name()),
+            &drain,
+            raw,
+        );
+        if kind == QueueKind::Classic {
+            classic_drain = Some((drain.rate, raw));
+        }
+    }
+    if wanted("scale")
+        && let Some((base, raw)) = classic_drain
+    {
+        for (rows, sent) in [(10 * n, 0), (n, 100 * n)] {
+            let drain = backlog_drain(
+                &pg,
+                &amqp,
+                &conn,
+                &relay_bin,
+                QueueKind::Classic,
+                rows,
+                sent,
+            )
+            .await?;
+            let name = if sent == 0 {
+                format!("scale: backlog drain {rows} rows, classic queue")
+            } else {
+                format!("scale: drain {rows} rows with {sent} sent rows kept, classic queue")
+            };
+            report.row(
+                &name,
+                &[
+                    ("rows_per_s", drain.rate),
+                    ("ratio_to_raw", drain.rate / raw),
+                    ("ratio_to_base_drain", drain.rate / base),
+                    ("relay_peak_rss_mib", drain.peak_rss_mib),
+                ],
+            );
+        }
+    }
+    if wanted("latency") {
+        for rate in [100, 1000, 5000] {
+            let l = live_latency(&pg, &amqp, &conn, rate).await?;
+            let mut figures = vec![
+                ("offered_rows_per_s", rate as f64),
+                ("achieved_rows_per_s", l.achieved),
+            ];
+            figures.extend(l.commit_to_consumer.figures("commit_to_consumer"));
+            figures.extend(l.insert_to_confirm.figures("insert_to_confirm"));
+            report.row(&format!("live latency at {rate} rows/s (ms)"), &figures);
+        }
+    }
+    if wanted("idle") {
+        let idle = idle_relay(&pg, &amqp, &relay_bin).await?;
+        report.row(
+            "idle relay",
             &[
-                ("rows_per_s", drain.rate),
-                ("ratio_to_raw", drain.rate / raw),
-                ("relay_peak_rss_mib", drain.peak_rss_mib),
+                ("rss_mib", idle.rss_mib),
+                ("db_queries_per_s", idle.queries_per_s),
             ],
         );
     }
-    if !wanted("inbox") {
-        return Ok(());
+    if wanted("inbox") {
+        let inbox_rows = n.min(20_000);
+        let (inbox, plain) = inbox_consumer(&pg, &amqp, &conn, inbox_rows).await?;
+        report.row(
+            &format!("inbox consumer, {inbox_rows} messages, exactly-once effects"),
+            &[
+                ("msgs_per_s", inbox),
+                ("plain_ack_msgs_per_s", plain),
+                ("ratio_to_plain", inbox / plain),
+            ],
+        );
     }
-    let inbox_rows = args.rows.min(20_000);
-    let (inbox, plain) = inbox_consumer(&pg, &amqp, &conn, inbox_rows).await?;
-    report.row(
-        &format!("inbox consumer, {inbox_rows} messages, exactly-once effects"),
-        &[
-            ("msgs_per_s", inbox),
-            ("plain_ack_msgs_per_s", plain),
-            ("ratio_to_plain", inbox / plain),
-        ],
-    );
     Ok(())
 }
 
@@ -320,8 +388,36 @@ async fn queue_depth(channel: &Channel, name: &str) -> anyhow::Result<u32> {
         .message_count())
 }
 
-/// lapin alone: `n` persistent 256-byte messages with confirms, `WINDOW` unconfirmed at most.
-async fn raw_ceiling(conn: &Connection, kind: QueueKind, n: usize) -> anyhow::Result<f64> {
+/// What the raw publisher sends.
+#[derive(Clone, Copy)]
+enum Messages {
+    /// The body, persistent, a short message id.
+    Bare,
+    /// What the relay sends: the same body with the contract's properties (a UUID message
+    /// id, `content_type`, `timestamp`, persistent).
+    Relay,
+}
+
+impl Messages {
+    fn properties(self, i: usize) -> BasicProperties {
+        let props = BasicProperties::default().with_delivery_mode(2);
+        match self {
+            Messages::Bare => props.with_message_id(i.to_string().into()),
+            Messages::Relay => props
+                .with_message_id(uuid::Uuid::new_v4().to_string().into())
+                .with_content_type("application/json".into())
+                .with_timestamp(1_700_000_000 + i as u64),
+        }
+    }
+}
+
+/// lapin alone: `n` 256-byte messages with confirms, `WINDOW` unconfirmed at most.
+async fn raw_ceiling(
+    conn: &Connection,
+    kind: QueueKind,
+    n: usize,
+    messages: Messages,
+) -> anyhow::Result<f64> {
     let channel = conn.create_channel().await?;
     let queue = declare(&channel, kind).await?;
     channel
@@ -334,26 +430,7 @@ async fn raw_ceiling(conn: &Connection, kind: QueueKind, n: usize) -> anyhow::Re
     for i in 0..n {
         let permit = window.clone().acquire_owned().await?;
         let (channel, queue, body) = (channel.clone(), queue.clone(), body.as_bytes());
-        let v = std::env::var("BENCH_PROPS").unwrap_or_default();
-        let props = if !v.is_empty() {
-            let mut p = BasicProperties::default().with_delivery_mode(2);
-            if v.contains('c') {
-                p = p.with_content_type("application/json".into());
-            }
-            if v.contains('t') {
-                p = p.with_timestamp(1_700_000_000 + i as u64);
-            }
-            p = if v.contains('u') {
-                p.with_message_id(uuid::Uuid::new_v4().to_string().into())
-            } else {
-                p.with_message_id(i.to_string().into())
-            };
-            p
-        } else {
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(i.to_string().into())
-        };
+        let props = messages.properties(i);
         confirms.push(async move {
             let c = channel
                 .basic_publish(
@@ -393,9 +470,11 @@ async fn raw_ceiling(conn: &Connection, kind: QueueKind, n: usize) -> anyhow::Re
 struct Drain {
     rate: f64,
     peak_rss_mib: f64,
+    cpu_s_per_10k: f64,
 }
 
-/// `n` committed rows over `KEYS` ordering keys, drained by a fresh relay process.
+/// `n` committed rows over `KEYS` ordering keys, drained by a fresh relay process; with
+/// `sent` rows already sent and kept (retention on), written first.
 async fn backlog_drain(
     pg: &str,
     amqp: &str,
@@ -403,16 +482,30 @@ async fn backlog_drain(
     relay_bin: &std::path::Path,
     kind: QueueKind,
     n: usize,
+    sent: usize,
 ) -> anyhow::Result<Drain> {
     let db = BenchDb::create(pg).await?;
     let channel = conn.create_channel().await?;
     let queue = declare(&channel, kind).await?;
+    if sent > 0 {
+        // Small bodies: the claim never reads sent rows, only their index entries and heap
+        // pages count, and 10M full rows would take this machine's disk minutes to write.
+        sqlx::query(
+            "INSERT INTO outbox (routing_key, ordering_key, payload, state, sent_at, created_at)
+             SELECT 'done', 'key-' || (i % 1000), '{}', 'sent', now() - interval '1 day',
+                    now() - interval '1 day'
+             FROM generate_series(1, $1) i",
+        )
+        .bind(sent as i64)
+        .execute(&db.pool)
+        .await?;
+    }
     sqlx::query(
         "INSERT INTO outbox (routing_key, ordering_key, payload)
-         SELECT $1, CASE WHEN $2 > 1 THEN 'key-' || (i % $2) END, $3::jsonb FROM generate_series(1, $4) i",
+         SELECT $1, 'key-' || (i % $2), $3::jsonb FROM generate_series(1, $4) i",
     )
     .bind(&queue)
-    .bind(std::env::var("BENCH_KEYS").map_or(KEYS as i64, |v| v.parse().unwrap()))
+    .bind(KEYS as i64)
     .bind(payload())
     .bind(n as i64)
     .execute(&db.pool)
@@ -422,18 +515,20 @@ async fn backlog_drain(
         .await?;
 
     let start = Instant::now();
-    let relay = RelayProcess::start(relay_bin, &db.url, amqp)?;
+    let retention = if sent > 0 { "7d" } else { "0s" };
+    let relay = RelayProcess::start(relay_bin, &db.url, amqp, &[("OUTBOX_RETENTION", retention)])?;
     let mut peak = 0.0f64;
     while (queue_depth(&channel, &queue).await? as usize) < n {
-        peak = peak.max(relay.peak_rss_mib());
+        peak = peak.max(relay.memory_mib("VmHWM:"));
         anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(600),
-            "drain took over 10 minutes"
+            start.elapsed() < Duration::from_secs(1200),
+            "drain took over 20 minutes"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    peak = peak.max(relay.peak_rss_mib());
+    peak = peak.max(relay.memory_mib("VmHWM:"));
+    let cpu = relay.cpu_seconds();
     drop(relay);
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -442,6 +537,291 @@ async fn backlog_drain(
     Ok(Drain {
         rate,
         peak_rss_mib: peak,
+        cpu_s_per_10k: cpu / n as f64 * 10_000.0,
+    })
+}
+
+/// Percentiles of a sample, in milliseconds.
+struct Percentiles(Vec<f64>);
+
+impl Percentiles {
+    fn new(mut seconds: Vec<f64>) -> Self {
+        seconds.sort_by(f64::total_cmp);
+        Percentiles(seconds)
+    }
+
+    fn at(&self, q: f64) -> f64 {
+        let i = ((self.0.len() as f64 * q).ceil() as usize).clamp(1, self.0.len().max(1)) - 1;
+        self.0.get(i).map_or(f64::NAN, |s| s * 1000.0)
+    }
+
+    fn figures(&self, name: &'static str) -> Vec<(&'static str, f64)> {
+        let label = |q: &str| -> &'static str { format!("{name}_{q}").leak() };
+        vec![
+            (label("p50"), self.at(0.50)),
+            (label("p99"), self.at(0.99)),
+            (label("p99_9"), self.at(0.999)),
+        ]
+    }
+}
+
+/// Publish latencies the in-process relay records (`outbox_publish_latency_seconds`).
+static CONFIRMS: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
+
+/// A metrics recorder that keeps every publish latency and ignores the rest.
+struct ConfirmRecorder;
+
+struct ConfirmHistogram;
+
+impl metrics::HistogramFn for ConfirmHistogram {
+    fn record(&self, value: f64) {
+        CONFIRMS.lock().expect("confirms").push(value);
+    }
+}
+
+impl metrics::Recorder for ConfirmRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        if key.name() == outbox::metrics::PUBLISH_LATENCY {
+            metrics::Histogram::from_arc(Arc::new(ConfirmHistogram))
+        } else {
+            metrics::Histogram::noop()
+        }
+    }
+}
+
+struct Latency {
+    achieved: f64,
+    commit_to_consumer: Percentiles,
+    insert_to_confirm: Percentiles,
+}
+
+/// Single-row transactions at `rate` rows/s for a few seconds, relayed by an in-process
+/// relay (default settings) to a classic queue read by a plain consumer.
+async fn live_latency(
+    pg: &str,
+    amqp: &str,
+    conn: &Connection,
+    rate: usize,
+) -> anyhow::Result<Latency> {
+    static RECORDER: std::sync::Once = std::sync::Once::new();
+    RECORDER.call_once(|| {
+        let _ = metrics::set_global_recorder(ConfirmRecorder);
+    });
+    let db = BenchDb::create(pg).await?;
+    let channel = conn.create_channel().await?;
+    let queue = declare(&channel, QueueKind::Classic).await?;
+    let received = Arc::new(std::sync::Mutex::new(Vec::<(String, Instant)>::new()));
+    let consumer_channel = conn.create_channel().await?;
+    consumer_channel
+        .basic_qos(1000, lapin::options::BasicQosOptions::default())
+        .await?;
+    let mut deliveries = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            "latency".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let reader = tokio::spawn({
+        let received = received.clone();
+        async move {
+            while let Some(Ok(d)) = deliveries.next().await {
+                let id = d.properties.message_id().as_ref().map(|s| s.to_string());
+                received
+                    .lock()
+                    .expect("received")
+                    .push((id.unwrap_or_default(), Instant::now()));
+            }
+        }
+    });
+
+    let store = outbox::store::postgres::PgStore::connect_lazy(
+        &db.url,
+        outbox::StoreOptions {
+            table: Default::default(),
+            retention: Duration::ZERO,
+        },
+    )?;
+    let mut config = outbox::config::RelayConfig::new(vec![amqp.to_owned()]);
+    config.http_addr = None;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let health = Arc::new(outbox::Health::default());
+    let relay = tokio::spawn(outbox::relay::run(
+        store,
+        config,
+        health.clone(),
+        shutdown.clone(),
+    ));
+    while health.snapshot().status != "ready" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Steady state: the first rows go through before the clock starts.
+    let writers = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(64)
+        .connect(&db.url)
+        .await?;
+    for _ in 0..100 {
+        sqlx::query("INSERT INTO outbox (routing_key, payload) VALUES ($1, '{}')")
+            .bind(&queue)
+            .execute(&writers)
+            .await?;
+    }
+    while received.lock().expect("received").len() < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    received.lock().expect("received").clear();
+    CONFIRMS.lock().expect("confirms").clear();
+
+    let total = (rate * 8).clamp(1000, 40_000);
+    let committed = Arc::new(std::sync::Mutex::new(
+        Vec::<(String, Instant)>::with_capacity(total),
+    ));
+    let body = payload();
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate as f64)).await;
+        let (writers, committed, queue, body) = (
+            writers.clone(),
+            committed.clone(),
+            queue.clone(),
+            body.clone(),
+        );
+        tasks.spawn(async move {
+            let mut tx = writers.begin().await?;
+            let id: String = sqlx::query_scalar(
+                "INSERT INTO outbox (routing_key, ordering_key, payload)
+                 VALUES ($1, $2, $3::jsonb) RETURNING message_id::text",
+            )
+            .bind(&queue)
+            .bind(format!("key-{}", i % KEYS))
+            .bind(&body)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            committed
+                .lock()
+                .expect("committed")
+                .push((id, Instant::now()));
+            anyhow::Ok(())
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let achieved = total as f64 / start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.lock().expect("received").len() < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not every row reached the consumer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    relay.await?;
+    reader.abort();
+    let at: std::collections::HashMap<String, Instant> =
+        committed.lock().expect("committed").drain(..).collect();
+    let commit_to_consumer = received
+        .lock()
+        .expect("received")
+        .iter()
+        .filter_map(|(id, got)| {
+            at.get(id)
+                .map(|c| got.saturating_duration_since(*c).as_secs_f64())
+        })
+        .collect();
+    let insert_to_confirm = std::mem::take(&mut *CONFIRMS.lock().expect("confirms"));
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    writers.close().await;
+    db.drop().await?;
+    Ok(Latency {
+        achieved,
+        commit_to_consumer: Percentiles::new(commit_to_consumer),
+        insert_to_confirm: Percentiles::new(insert_to_confirm),
+    })
+}
+
+struct Idle {
+    rss_mib: f64,
+    queries_per_s: f64,
+}
+
+/// A relay leading an empty table: its resident memory, and the transactions its database
+/// counts per second (every query the relay sends outside a transaction is one).
+async fn idle_relay(pg: &str, amqp: &str, relay_bin: &std::path::Path) -> anyhow::Result<Idle> {
+    let db = BenchDb::create(pg).await?;
+    let relay = RelayProcess::start(relay_bin, &db.url, amqp, &[])?;
+    let admin = PgPool::connect(&format!("{pg}/postgres")).await?;
+    let transactions = || async {
+        // The statistics of other sessions are read as of the last flush (at most 1 s old
+        // while busy, 10 s when idle): the window below is long enough for that to cancel.
+        sqlx::query_scalar::<_, i64>(
+            "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
+        )
+        .bind(&db.name)
+        .fetch_one(&admin)
+        .await
+    };
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&admin)
+        .await?;
+    let (before, t0) = (transactions().await?, Instant::now());
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&admin)
+        .await?;
+    let after = transactions().await?;
+    let queries_per_s = (after - before) as f64 / t0.elapsed().as_secs_f64();
+    let rss_mib = relay.memory_mib("VmRSS:");
+    drop(relay);
+    admin.close().await;
+    db.drop().await?;
+    Ok(Idle {
+        rss_mib,
+        queries_per_s,
     })
 }
 
@@ -497,31 +877,52 @@ impl BenchDb {
 struct RelayProcess(Child);
 
 impl RelayProcess {
-    fn start(bin: &std::path::Path, db: &str, amqp: &str) -> anyhow::Result<Self> {
+    fn start(
+        bin: &std::path::Path,
+        db: &str,
+        amqp: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let child = Command::new(bin)
             .arg("relay")
-            .env(
-                "DATABASE_URL",
-                format!("{db}?options=-c%20synchronous_commit%3Doff"),
-            )
+            .env("DATABASE_URL", db)
             .env("AMQP_URL", amqp)
             .env("OUTBOX_HTTP_ADDR", "")
             .env("OUTBOX_MAX_IN_FLIGHT", WINDOW.to_string())
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()?;
         Ok(RelayProcess(child))
     }
 
-    /// VmHWM of the process: its peak resident memory so far.
-    fn peak_rss_mib(&self) -> f64 {
+    /// A memory figure of `/proc/PID/status` (`VmHWM:` peak, `VmRSS:` now).
+    fn memory_mib(&self, field: &str) -> f64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    /// User and system CPU time used so far.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and stime are the
+        // 12th and 13th, in clock ticks (100 per second on Linux).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (ticks(11) + ticks(12)) / 100.0
     }
 }
 
@@ -540,9 +941,21 @@ struct Report {
 impl Report {
     fn new(json: bool) -> Self {
         if !json {
-            println!("{:<48} figures", "scenario");
+            println!("{:<66} figures", "scenario");
         }
         Report { json }
+    }
+
+    fn drain(&mut self, scenario: &str, drain: &Drain, raw: f64) {
+        self.row(
+            scenario,
+            &[
+                ("rows_per_s", drain.rate),
+                ("ratio_to_raw", drain.rate / raw),
+                ("relay_peak_rss_mib", drain.peak_rss_mib),
+                ("relay_cpu_s_per_10k_rows", drain.cpu_s_per_10k),
+            ],
+        );
     }
 
     fn row(&mut self, scenario: &str, figures: &[(&str, f64)]) {
@@ -555,7 +968,7 @@ impl Report {
             println!("{}", serde_json::to_string(&v).unwrap_or_default());
         } else {
             let text: Vec<String> = figures.iter().map(|(k, f)| format!("{k}={f:.2}")).collect();
-            println!("{scenario:<48} {}", text.join("  "));
+            println!("{scenario:<66} {}", text.join("  "));
         }
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! Only the leader publishes, so which rows it holds lives here, in memory: claims are plain
 //! reads ([`Store::claim`]) and a row is held from its claim until its mark commits, so it is
-//! never claimed twice. One database operation runs at a time (a claim or a mark) while the
-//! loop keeps publishing: the window of unconfirmed publishes is refilled from rows claimed
-//! ahead as confirms arrive, so the database work overlaps the broker's.
+//! never claimed twice. A claim and a mark may run at once while the loop keeps publishing:
+//! the window of unconfirmed publishes is refilled from rows claimed ahead as confirms
+//! arrive, so the database work overlaps the broker's, and a slow commit of marks delays no
+//! publish. A mark that changes what claims may return (a failure, or the success of a
+//! retried row, which releases its key) runs alone.
 //!
 //! Claims walk the table in id order from a floor: normally just above the highest id
 //! claimed, so a claim never rereads the rows in flight. The floor drops when rows below it
@@ -106,6 +108,8 @@ pub(super) struct Leader<S> {
     first_mark_at: Option<Instant>,
     /// No database operation before this (after one failed).
     database_retry_at: Option<Instant>,
+    /// A mark that changes what claims return is running: no claim starts meanwhile.
+    exclusive_mark: bool,
     /// When to look at the whole table if notifications are not arriving.
     poll_at: Instant,
 }
@@ -141,18 +145,20 @@ impl<S: Store> Leader<S> {
             released: None,
             first_mark_at: None,
             database_retry_at: None,
+            exclusive_mark: false,
         }
     }
 
     /// Publishes until `stop`, then drains within the grace period.
     pub(super) async fn run(mut self, stop: &CancellationToken) {
         let mut reconnect = reconnect_backoff();
-        let mut operation: Option<Operation> = None;
+        let mut claiming: Option<Operation> = None;
+        let mut marking: Option<Operation> = None;
         while !stop.is_cancelled() {
             self.collect();
             if !self.connected() {
                 // Record what the last connection confirmed before waiting for the next one.
-                if let Some(operation) = operation.take() {
+                for operation in [claiming.take(), marking.take()].into_iter().flatten() {
                     self.done(operation.await);
                 }
                 if !self.sent.is_empty() || !self.failed.is_empty() {
@@ -165,13 +171,23 @@ impl<S: Store> Leader<S> {
                 continue;
             }
             self.publish_ready();
-            if operation.is_none() {
-                operation = self.next_operation();
+            if self.database_retry_at.is_some_and(|t| t <= Instant::now()) {
+                self.database_retry_at = None;
             }
-            let wake_at = self.wake_at(operation.is_some());
+            if claiming.is_none() {
+                claiming = self.claim();
+            }
+            if marking.is_none() {
+                marking = self.next_mark(claiming.is_some());
+            }
+            let wake_at = self.wake_at(marking.is_some());
             tokio::select! {
-                done = async { operation.as_mut().expect("checked").await }, if operation.is_some() => {
-                    operation = None;
+                done = async { claiming.as_mut().expect("checked").await }, if claiming.is_some() => {
+                    claiming = None;
+                    self.done(done);
+                }
+                done = async { marking.as_mut().expect("checked").await }, if marking.is_some() => {
+                    marking = None;
                     self.done(done);
                 }
                 Some(outcome) = self.outcomes.recv() => self.record(outcome),
@@ -181,7 +197,7 @@ impl<S: Store> Leader<S> {
                 _ = stop.cancelled() => {}
             }
         }
-        if let Some(operation) = operation {
+        for operation in [claiming, marking].into_iter().flatten() {
             self.done(operation.await);
         }
         self.drain().await;
@@ -272,25 +288,23 @@ impl<S: Store> Leader<S> {
         }
     }
 
-    /// The database operation to start now, if any: a full batch of marks first (they bound
-    /// what is held), then a claim if there is room, then marks that are due.
-    fn next_operation(&mut self) -> Option<Operation> {
-        if self.database_retry_at.is_some_and(|t| t > Instant::now()) {
-            return None;
-        }
-        self.database_retry_at = None;
+    /// The mark to start now, if any: a batch of confirms, or fewer once the window is idle
+    /// or the oldest has waited `MARK_DELAY`. One that changes what claims return waits for
+    /// the running claim.
+    fn next_mark(&mut self, claiming: bool) -> Option<Operation> {
         let waiting = self.sent.len() + self.failed.len();
-        if waiting >= self.config.batch_size {
-            return Some(self.mark());
-        }
-        if let Some(claim) = self.claim() {
-            return Some(claim);
+        if waiting == 0 || self.database_retry_at.is_some() {
+            return None;
         }
         let idle = self.outstanding() == 0 && self.ready.is_empty();
         let due = self
             .first_mark_at
             .is_some_and(|t| t.elapsed() >= MARK_DELAY);
-        (waiting > 0 && (idle || due)).then(|| self.mark())
+        let exclusive = !self.failed.is_empty() || self.released.is_some();
+        (waiting >= self.config.batch_size || idle || due)
+            .then_some(())
+            .filter(|_| !(exclusive && claiming))
+            .map(|_| self.mark())
     }
 
     /// A claim of what room allows from the floor, if rows may be claimable and the broker
@@ -303,7 +317,11 @@ impl<S: Store> Leader<S> {
         }
         let room = self.capacity().saturating_sub(self.held.len());
         let worth_it = room >= self.config.batch_size / 2 || self.ready.is_empty();
-        if !self.dirty || room == 0 || !worth_it || self.health.blocked().is_some() {
+        let blocked = self.health.blocked().is_some();
+        if !self.dirty || room == 0 || !worth_it || blocked || self.exclusive_mark {
+            return None;
+        }
+        if self.database_retry_at.is_some() {
             return None;
         }
         let limit = room.min(self.config.batch_size);
@@ -321,6 +339,7 @@ impl<S: Store> Leader<S> {
         let sent = std::mem::take(&mut self.sent);
         let failed = std::mem::take(&mut self.failed);
         let released = self.released.take();
+        self.exclusive_mark = !failed.is_empty() || released.is_some();
         self.first_mark_at = None;
         let store = self.store.clone();
         let max_attempts = self.config.max_attempts;
@@ -362,6 +381,7 @@ impl<S: Store> Leader<S> {
                 result,
             } => match result {
                 Ok(()) => {
+                    self.exclusive_mark = false;
                     metrics::counter!(m::PUBLISHED).increment(sent.len() as u64);
                     for id in sent.iter().chain(failed.iter().map(|f| &f.id)) {
                         self.held.remove(id);
@@ -375,6 +395,7 @@ impl<S: Store> Leader<S> {
                     }
                 }
                 Err(e) => {
+                    self.exclusive_mark = false;
                     self.database_failed(&e);
                     sent.append(&mut self.sent);
                     failed.append(&mut self.failed);
@@ -423,12 +444,14 @@ impl<S: Store> Leader<S> {
         }
     }
 
-    /// The earliest of the timers: the poll, and while no database operation runs, a mark
-    /// falling due or a database retry.
-    fn wake_at(&self, operating: bool) -> Instant {
-        let mark = self.first_mark_at.map(|t| t + MARK_DELAY);
-        let database = [mark, self.database_retry_at].into_iter().flatten().min();
-        [database.filter(|_| !operating), Some(self.poll_at)]
+    /// The earliest of the timers: the poll, a database retry, and while no mark runs, a
+    /// mark falling due.
+    fn wake_at(&self, marking: bool) -> Instant {
+        let mark = self
+            .first_mark_at
+            .map(|t| t + MARK_DELAY)
+            .filter(|_| !marking);
+        [mark, self.database_retry_at, Some(self.poll_at)]
             .into_iter()
             .flatten()
             .min()
