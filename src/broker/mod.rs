@@ -24,6 +24,11 @@ use crate::message::OutboxRow;
 /// Heartbeat asked for when the URL sets none: a dead peer is noticed within ~20 s.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
+/// Largest frame asked for when the URL sets none. lapin keeps two buffers of 32 frames per
+/// connection, 4 MiB each at RabbitMQ's default of 128 KiB; at 32 KiB they take 1 MiB, and a
+/// message above that is simply sent in several frames.
+const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+
 /// Why a publish did not end in a routed, confirmed message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PublishError {
@@ -112,14 +117,15 @@ impl Nodes {
     }
 }
 
-/// Opens an AMQP connection to `url`, asking for a 10 s heartbeat unless the URL sets one, so
-/// a dead peer is noticed. Callers bound it with a timeout: a node that is shutting down can
-/// accept a TCP connection and never answer.
+/// Opens an AMQP connection to `url`, asking for a 10 s heartbeat (so a dead peer is noticed)
+/// and 32 KiB frames (so its buffers stay small) unless the URL sets them. Callers bound it
+/// with a timeout: a node that is shutting down can accept a TCP connection and never answer.
 pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
     let mut uri: AMQPUri = url
         .parse()
         .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+    uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     Connection::connect_uri(uri, ConnectionProperties::default()).await
 }
 
