@@ -8,8 +8,8 @@
 //! - `drain`: committed rows drained by the real `outbox relay` binary (release) into a
 //!   classic and a quorum queue: rows/s, ratio to the ceiling, peak RSS, CPU per 10k rows;
 //! - `scale`: the same with a 1M-row backlog, and with 10M sent rows kept in the table;
-//! - `latency`: single-row transactions at 100, 1,000 and 5,000 rows/s: insert-to-confirm and
-//!   commit-to-consumer percentiles;
+//! - `latency`: single-row transactions at 100, 1,000 and 5,000 rows/s: commit-to-confirm and
+//!   commit-to-consumer percentiles, and lapin's own publish-to-confirm at the same rate;
 //! - `idle`: an idle relay's RSS and database queries per second;
 //! - `inbox`: the inbox consumer with exactly-once effects against a plain consumer.
 
@@ -154,12 +154,14 @@ async fn main() -> anyhow::Result<()> {
     if wanted("latency") {
         for rate in [100, 1000, 5000] {
             let l = live_latency(&pg, &amqp, &conn, rate).await?;
+            let raw = raw_confirm_latency(&conn, rate).await?;
             let mut figures = vec![
                 ("offered_rows_per_s", rate as f64),
                 ("achieved_rows_per_s", l.achieved),
             ];
             figures.extend(l.commit_to_consumer.figures("commit_to_consumer"));
-            figures.extend(l.insert_to_confirm.figures("insert_to_confirm"));
+            figures.extend(l.commit_to_confirm.figures("commit_to_confirm"));
+            figures.extend(raw.figures("raw_publish_to_confirm"));
             report.row(&format!("live latency at {rate} rows/s (ms)"), &figures);
         }
     }
@@ -576,8 +578,17 @@ impl Percentiles {
     }
 }
 
-/// Publish latencies the in-process relay records (`outbox_publish_latency_seconds`).
-static CONFIRMS: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
+/// What the in-process relay records in `outbox_publish_latency_seconds` (confirm time minus
+/// the row's `created_at`), with the wall-clock time it was recorded: the confirm's.
+static CONFIRMS: std::sync::Mutex<Vec<(f64, f64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Seconds since the Unix epoch.
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
 
 /// A metrics recorder that keeps every publish latency and ignores the rest.
 struct ConfirmRecorder;
@@ -586,7 +597,10 @@ struct ConfirmHistogram;
 
 impl metrics::HistogramFn for ConfirmHistogram {
     fn record(&self, value: f64) {
-        CONFIRMS.lock().expect("confirms").push(value);
+        CONFIRMS
+            .lock()
+            .expect("confirms")
+            .push((epoch_now(), value));
     }
 }
 
@@ -634,7 +648,58 @@ impl metrics::Recorder for ConfirmRecorder {
 struct Latency {
     achieved: f64,
     commit_to_consumer: Percentiles,
-    insert_to_confirm: Percentiles,
+    commit_to_confirm: Percentiles,
+}
+
+/// lapin alone publishing the relay's messages one by one at `rate` msgs/s to a classic
+/// queue for as many messages as [`live_latency`] writes: publish-to-confirm latency, the
+/// broker's part of insert-to-confirm.
+async fn raw_confirm_latency(conn: &Connection, rate: usize) -> anyhow::Result<Percentiles> {
+    let channel = conn.create_channel().await?;
+    let queue = declare(&channel, QueueKind::Classic).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let body = payload();
+    let mut confirms = FuturesUnordered::new();
+    let mut latencies = Vec::new();
+    let start = tokio::time::Instant::now();
+    for i in 0..live_rows(rate) {
+        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => break,
+                Some(done) = confirms.next(), if !confirms.is_empty() => latencies.push(done?),
+            }
+        }
+        let (channel, queue, body) = (channel.clone(), queue.clone(), body.as_bytes());
+        let props = Messages::Relay.properties(i);
+        confirms.push(async move {
+            let sent = Instant::now();
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            };
+            let confirm = channel
+                .basic_publish("".into(), queue.as_str().into(), options, body, props)
+                .await?
+                .await?;
+            anyhow::ensure!(confirm.is_ack(), "nack");
+            anyhow::Ok(sent.elapsed().as_secs_f64())
+        });
+    }
+    while let Some(done) = confirms.next().await {
+        latencies.push(done?);
+    }
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    Ok(Percentiles::new(latencies))
+}
+
+/// Rows written per live-latency run: about 8 seconds' worth.
+fn live_rows(rate: usize) -> usize {
+    (rate * 8).clamp(1000, 40_000)
 }
 
 /// Single-row transactions at `rate` rows/s for a few seconds, relayed by an in-process
@@ -718,10 +783,12 @@ async fn live_latency(
     received.lock().expect("received").clear();
     CONFIRMS.lock().expect("confirms").clear();
 
-    let total = (rate * 8).clamp(1000, 40_000);
-    let committed = Arc::new(std::sync::Mutex::new(
-        Vec::<(String, Instant)>::with_capacity(total),
-    ));
+    let total = live_rows(rate);
+    // Per row: message id, commit instant, created_at in µs, commit wall-clock time.
+    type Committed = (String, Instant, i64, f64);
+    let committed = Arc::new(std::sync::Mutex::new(Vec::<Committed>::with_capacity(
+        total,
+    )));
     let body = payload();
     let start = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -735,9 +802,10 @@ async fn live_latency(
         );
         tasks.spawn(async move {
             let mut tx = writers.begin().await?;
-            let id: String = sqlx::query_scalar(
+            let (id, created_us): (String, i64) = sqlx::query_as(
                 "INSERT INTO outbox (routing_key, ordering_key, payload)
-                 VALUES ($1, $2, $3::jsonb) RETURNING message_id::text",
+                 VALUES ($1, $2, $3::jsonb)
+                 RETURNING message_id::text, (extract(epoch FROM created_at) * 1000000)::bigint",
             )
             .bind(&queue)
             .bind(format!("key-{}", i % KEYS))
@@ -745,10 +813,12 @@ async fn live_latency(
             .fetch_one(&mut *tx)
             .await?;
             tx.commit().await?;
-            committed
-                .lock()
-                .expect("committed")
-                .push((id, Instant::now()));
+            committed.lock().expect("committed").push((
+                id,
+                Instant::now(),
+                created_us,
+                epoch_now(),
+            ));
             anyhow::Ok(())
         });
         while let Some(done) = tasks.try_join_next() {
@@ -767,11 +837,42 @@ async fn live_latency(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A confirm can come after the delivery.
+    while CONFIRMS.lock().expect("confirms").len() < total {
+        anyhow::ensure!(Instant::now() < deadline, "not every row was confirmed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     shutdown.cancel();
     relay.await?;
     reader.abort();
-    let at: std::collections::HashMap<String, Instant> =
-        committed.lock().expect("committed").drain(..).collect();
+    let committed = std::mem::take(&mut *committed.lock().expect("committed"));
+    // The relay reports a confirm as its latency from the row's created_at; the recorder
+    // reads the clock a moment after the relay did, so confirm time minus latency is the
+    // row's created_at or a little later: the latest row created up to then (within 1 ms)
+    // is the one.
+    let by_created: std::collections::BTreeMap<i64, f64> = committed
+        .iter()
+        .map(|(_, _, created_us, commit)| (*created_us, *commit))
+        .collect();
+    let commit_to_confirm: Vec<f64> = std::mem::take(&mut *CONFIRMS.lock().expect("confirms"))
+        .into_iter()
+        .filter_map(|(confirmed, latency)| {
+            let created_us = ((confirmed - latency) * 1e6).round() as i64;
+            by_created
+                .range(created_us - 1000..=created_us + 1)
+                .next_back()
+                .map(|(_, commit)| (confirmed - commit).max(0.0))
+        })
+        .collect();
+    anyhow::ensure!(
+        commit_to_confirm.len() >= total,
+        "only {} of {total} confirms matched their rows",
+        commit_to_confirm.len()
+    );
+    let at: std::collections::HashMap<String, Instant> = committed
+        .into_iter()
+        .map(|(id, at, _, _)| (id, at))
+        .collect();
     let commit_to_consumer = received
         .lock()
         .expect("received")
@@ -781,7 +882,6 @@ async fn live_latency(
                 .map(|c| got.saturating_duration_since(*c).as_secs_f64())
         })
         .collect();
-    let insert_to_confirm = std::mem::take(&mut *CONFIRMS.lock().expect("confirms"));
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
@@ -790,7 +890,7 @@ async fn live_latency(
     Ok(Latency {
         achieved,
         commit_to_consumer: Percentiles::new(commit_to_consumer),
-        insert_to_confirm: Percentiles::new(insert_to_confirm),
+        commit_to_confirm: Percentiles::new(commit_to_confirm),
     })
 }
 
