@@ -127,6 +127,19 @@ impl Setup {
         .await;
     }
 
+    /// Consumers on the queue now.
+    async fn consumers(&self) -> u32 {
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let ch = self._conn.create_channel().await.unwrap();
+        ch.queue_declare(self.queue.as_str().into(), passive, Default::default())
+            .await
+            .unwrap()
+            .consumer_count()
+    }
+
     async fn publish(&self, message_id: Option<&str>, body: &[u8]) {
         let mut props = BasicProperties::default().with_content_type("application/json".into());
         if let Some(id) = message_id {
@@ -340,6 +353,63 @@ async fn a_failing_handler_is_retried_then_dead_lettered_while_later_messages_ar
     };
     assert!(error.to_string().contains("poison"), "{error}");
     assert_eq!(handler.calls.lock().unwrap()["m-13"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_a_failing_message_is_rolled_back_and_each_applied_alone() {
+    let s = setup().await;
+    let handler = Effects {
+        // Several poison messages: whatever the batches, some fail behind others.
+        hook: Some(Arc::new(|msg, _| match msg.body.n % 10 {
+            3 => Err("poison: n = ..3 is refused".into()),
+            _ => Ok(()),
+        })),
+        ..Default::default()
+    };
+    // A backlog waiting for the consumer arrives as batches.
+    let declare = s.start(handler.clone());
+    s.wait_for_queue().await;
+    declare.cancel();
+    eventually(
+        "the first consumer to leave",
+        Duration::from_secs(20),
+        || async { s.consumers().await == 0 },
+    )
+    .await;
+    for n in 0..30 {
+        s.publish(
+            Some(&format!("m-{n}")),
+            format!("{{\"n\": {n}}}").as_bytes(),
+        )
+        .await;
+    }
+    let _stop = s.start(handler.clone());
+    eventually(
+        "every other message to be applied",
+        Duration::from_secs(30),
+        || async { s.total_effects().await == 27 },
+    )
+    .await;
+    for n in 0..30 {
+        let expected = i64::from(n % 10 != 3);
+        assert_eq!(s.effects(&format!("m-{n}")).await, expected, "m-{n}");
+    }
+    let dead = s.wait_for_dead_letters(3).await;
+    for d in &dead {
+        assert_eq!(
+            header(d, "x-outbox-attempts"),
+            Some(AMQPValue::LongLongInt(3))
+        );
+    }
+    let calls = handler.calls.lock().unwrap().clone();
+    // A batch's attempt counts: three calls in all, not four.
+    for poison in ["m-3", "m-13", "m-23"] {
+        assert_eq!(calls[poison], 3, "{poison}");
+    }
+    assert!(
+        calls.values().any(|&c| c == 2),
+        "no message was run in a rolled-back batch and then alone: {calls:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

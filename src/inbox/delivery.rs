@@ -133,6 +133,7 @@ where
                 }
             }
         }
+        let mut first_failed = None;
         if parsed.len() > 1 {
             match self.apply_batch(&parsed).await {
                 Ok(fresh) => {
@@ -147,15 +148,27 @@ where
                     futures_util::future::join_all(acks).await;
                     return;
                 }
-                Err(e) => {
+                Err((failed, e)) => {
                     tracing::debug!(consumer = %self.consumer, error = %e, "batch rolled back: applying its messages one by one");
+                    // The message whose handler failed has had its first attempt.
+                    if let Some(at) = failed.filter(|_| !e.is_transient()) {
+                        self.count_failure(&parsed[at].1, &e, 1);
+                        first_failed = Some(at);
+                    }
                 }
             }
         }
-        for (delivery, message) in parsed {
-            let verdict = self.verdict(&message).await;
+        for (at, (delivery, message)) in parsed.into_iter().enumerate() {
+            let failures = u32::from(first_failed == Some(at));
+            let verdict = self.verdict(&message, failures).await;
             self.settle(delivery, verdict, dead).await;
         }
+    }
+
+    fn count_failure(&self, message: &Incoming<T>, error: &ApplyError, attempt: u32) {
+        metrics::counter!(m::INBOX_HANDLER_FAILURES, "consumer" => self.consumer.clone())
+            .increment(1);
+        tracing::warn!(consumer = %self.consumer, message_id = %message.message_id, attempt, %error, "handler failed");
     }
 
     /// Counts the verdict, dead-letters if so, and acks.
@@ -219,9 +232,12 @@ where
     }
 
     /// Applies one message, retrying transient failures without counting and handler
-    /// failures up to `max_attempts`.
-    async fn verdict(&self, message: &Incoming<T>) -> Verdict {
-        let (mut failures, mut delays) = (0, self.retry.build());
+    /// failures up to `max_attempts` (`failures` of them happened already).
+    async fn verdict(&self, message: &Incoming<T>, mut failures: u32) -> Verdict {
+        let mut delays = self.retry.build();
+        if failures > 0 {
+            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+        }
         loop {
             match self.apply(message).await {
                 Ok(true) => return Verdict::Applied,
@@ -231,8 +247,7 @@ where
                 }
                 Err(e) => {
                     failures += 1;
-                    metrics::counter!(m::INBOX_HANDLER_FAILURES, "consumer" => self.consumer.clone()).increment(1);
-                    tracing::warn!(consumer = %self.consumer, message_id = %message.message_id, attempt = failures, error = %e, "handler failed");
+                    self.count_failure(message, &e, failures);
                     if failures >= self.max_attempts {
                         return Verdict::Dead {
                             reason: e.to_string(),
@@ -270,33 +285,35 @@ where
 
     /// Records every message of the batch in one statement and runs the handler for those
     /// not recorded before, all in one transaction; says for each whether it was applied
-    /// (the first delivery of an id applies it, any other is a duplicate).
+    /// (the first delivery of an id applies it, any other is a duplicate). An error names
+    /// the message whose handler failed, if one did.
     async fn apply_batch(
         &self,
         batch: &[(Delivery, Incoming<T>)],
-    ) -> Result<Vec<bool>, ApplyError> {
-        let mut tx = self.pool.begin().await.map_err(ApplyError::Database)?;
+    ) -> Result<Vec<bool>, (Option<usize>, ApplyError)> {
+        let database = |e| (None, ApplyError::Database(e));
+        let mut tx = self.pool.begin().await.map_err(database)?;
         let ids: Vec<&str> = batch.iter().map(|(_, m)| m.message_id.as_str()).collect();
         let mut fresh: HashSet<String> = sqlx::query_scalar(self.record_many.clone())
             .bind(&self.consumer)
             .bind(&ids)
             .fetch_all(&mut *tx)
             .await
-            .map_err(ApplyError::Database)?
+            .map_err(database)?
             .into_iter()
             .collect();
         let mut applied = Vec::with_capacity(batch.len());
-        for (_, message) in batch {
+        for (at, (_, message)) in batch.iter().enumerate() {
             let is_fresh = fresh.remove(&message.message_id);
             if is_fresh {
                 self.handler
                     .handle(&mut tx, message)
                     .await
-                    .map_err(ApplyError::Handler)?;
+                    .map_err(|e| (Some(at), ApplyError::Handler(e)))?;
             }
             applied.push(is_fresh);
         }
-        tx.commit().await.map_err(ApplyError::Database)?;
+        tx.commit().await.map_err(database)?;
         Ok(applied)
     }
 
