@@ -92,10 +92,8 @@ async fn main() -> anyhow::Result<()> {
     let wanted = |name: &str| args.only.as_deref().is_none_or(|only| name.contains(only));
     let n = args.rows;
 
-    let mut classic_drain = None;
     for kind in [QueueKind::Classic, QueueKind::Quorum] {
-        let scale = wanted("scale") && kind == QueueKind::Classic;
-        if !(wanted("raw") || wanted("drain") || scale) {
+        if !(wanted("raw") || wanted("drain")) {
             continue;
         }
         let bare = raw_ceiling(&conn, kind, n, Messages::Bare).await?;
@@ -108,33 +106,24 @@ async fn main() -> anyhow::Result<()> {
             &format!("raw ceiling, the relay's messages, {} queue", kind.name()),
             &[("msgs_per_s", raw), ("ratio_to_bare", raw / bare)],
         );
-        if !wanted("drain") && !wanted("scale") {
+        if !wanted("drain") {
             continue;
         }
-        let drain = backlog_drain(&pg, &amqp, &conn, &relay_bin, kind, n, 0).await?;
+        let drain = backlog_drain(&pg, &amqp, &conn, &relay_bin, kind, n, 0, false).await?;
         report.drain(
             &format!("backlog drain {n} rows, {} queue", kind.name()),
             &drain,
             raw,
         );
-        if kind == QueueKind::Classic {
-            classic_drain = Some((drain.rate, raw));
-        }
     }
-    if wanted("scale")
-        && let Some((base, raw)) = classic_drain
-    {
-        for (rows, sent) in [(10 * n, 0), (n, 100 * n)] {
-            let drain = backlog_drain(
-                &pg,
-                &amqp,
-                &conn,
-                &relay_bin,
-                QueueKind::Classic,
-                rows,
-                sent,
-            )
-            .await?;
+    if wanted("scale") {
+        // Each against a base drain of `n` rows with the same settings, run just before it:
+        // this machine's speed drifts over minutes.
+        for (rows, sent, keep) in [(10 * n, 0, false), (n, 100 * n, true)] {
+            let classic = QueueKind::Classic;
+            let base = backlog_drain(&pg, &amqp, &conn, &relay_bin, classic, n, 0, keep).await?;
+            let drain =
+                backlog_drain(&pg, &amqp, &conn, &relay_bin, classic, rows, sent, keep).await?;
             let name = if sent == 0 {
                 format!("scale: backlog drain {rows} rows, classic queue")
             } else {
@@ -144,9 +133,10 @@ async fn main() -> anyhow::Result<()> {
                 &name,
                 &[
                     ("rows_per_s", drain.rate),
-                    ("ratio_to_raw", drain.rate / raw),
-                    ("ratio_to_base_drain", drain.rate / base),
+                    ("base_rows_per_s", base.rate),
+                    ("ratio_to_base", drain.rate / base.rate),
                     ("relay_peak_rss_mib", drain.peak_rss_mib),
+                    ("relay_cpu_s_per_10k_rows", drain.cpu_s_per_10k),
                 ],
             );
         }
@@ -475,8 +465,10 @@ struct Drain {
     cpu_s_per_10k: f64,
 }
 
-/// `n` committed rows over `KEYS` ordering keys, drained by a fresh relay process; with
-/// `sent` rows already sent and kept (retention on), written first.
+/// `n` committed rows over `KEYS` ordering keys, drained by a fresh relay process; `sent`
+/// rows already sent are written first; `keep` turns retention on (sent rows are updated,
+/// not deleted).
+#[allow(clippy::too_many_arguments)]
 async fn backlog_drain(
     pg: &str,
     amqp: &str,
@@ -485,6 +477,7 @@ async fn backlog_drain(
     kind: QueueKind,
     n: usize,
     sent: usize,
+    keep: bool,
 ) -> anyhow::Result<Drain> {
     let db = BenchDb::create(pg).await?;
     let channel = conn.create_channel().await?;
@@ -516,7 +509,7 @@ async fn backlog_drain(
         .execute(&db.pool)
         .await?;
 
-    let retention = if sent > 0 { "7d" } else { "0s" };
+    let retention = if keep { "7d" } else { "0s" };
     let relay = RelayProcess::start(relay_bin, &db.url, amqp, &[("OUTBOX_RETENTION", retention)])?;
     // The clock runs from the first rows seen in the queue (the process start, connections
     // and leadership are not throughput) to the last.

@@ -85,11 +85,11 @@ pub struct ConsumerConfig {
     pub queue_type: QueueType,
     /// One connection attempt at most (default 10 s).
     pub connect_timeout: Duration,
-    /// Unacked deliveries the broker sends ahead (default 256).
+    /// Unacked deliveries the broker sends ahead (default 512).
     pub prefetch: u16,
     /// Batches handled at once (default 4; 1 keeps the queue's order).
     pub concurrency: usize,
-    /// Deliveries applied in one transaction at most (default 64): those already received
+    /// Deliveries applied in one transaction at most (default 128): those already received
     /// form a batch, so a quiet queue still handles each message as it comes.
     pub batch: usize,
     /// Handler attempts before a message is dead-lettered (default 5).
@@ -121,9 +121,9 @@ impl ConsumerConfig {
             bindings: Vec::new(),
             queue_type: QueueType::Quorum,
             connect_timeout: Duration::from_secs(10),
-            prefetch: 256,
+            prefetch: 512,
             concurrency: 4,
-            batch: 64,
+            batch: 128,
             max_attempts: 5,
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),

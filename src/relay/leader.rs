@@ -318,7 +318,9 @@ impl<S: Store> Leader<S> {
         let room = self.capacity().saturating_sub(self.held.len());
         let worth_it = room >= self.config.batch_size / 2 || self.ready.is_empty();
         let blocked = self.health.blocked().is_some();
-        if !self.dirty || room == 0 || !worth_it || blocked || self.exclusive_mark {
+        // A mark that changes what claims return goes first (claims would starve it).
+        let exclusive = self.exclusive_mark || !self.failed.is_empty() || self.released.is_some();
+        if !self.dirty || room == 0 || !worth_it || blocked || exclusive {
             return None;
         }
         if self.database_retry_at.is_some() {
