@@ -39,7 +39,8 @@ pub struct RelayConfig {
     pub batch_size: usize,
     /// `OUTBOX_MAX_IN_FLIGHT`: unconfirmed publishes at most (default 1000).
     pub max_in_flight: usize,
-    /// `OUTBOX_POLL_INTERVAL`: claim at least this often without a notification (default 1s).
+    /// `OUTBOX_POLL_INTERVAL`: how often to look at the whole table while notifications are
+    /// not arriving (default 1s).
     pub poll_interval: Duration,
     /// `OUTBOX_CONFIRM_TIMEOUT`: a publish with no confirm by then is retried (default 30s).
     pub confirm_timeout: Duration,

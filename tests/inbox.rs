@@ -109,26 +109,8 @@ impl Setup {
         stop
     }
 
-    async fn wait_for_queue(&self) {
-        eventually(
-            "the consumer to declare its queue",
-            Duration::from_secs(20),
-            || async {
-                let passive = lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                let ch = self._conn.create_channel().await.unwrap();
-                ch.queue_declare(self.queue.as_str().into(), passive, Default::default())
-                    .await
-                    .is_ok()
-            },
-        )
-        .await;
-    }
-
-    /// Consumers on the queue now.
-    async fn consumers(&self) -> u32 {
+    /// A passive declare of the queue, on a fresh channel (a failed one closes its channel).
+    async fn look(&self) -> Result<lapin::Queue, lapin::Error> {
         let passive = lapin::options::QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -136,8 +118,20 @@ impl Setup {
         let ch = self._conn.create_channel().await.unwrap();
         ch.queue_declare(self.queue.as_str().into(), passive, Default::default())
             .await
-            .unwrap()
-            .consumer_count()
+    }
+
+    async fn wait_for_queue(&self) {
+        eventually(
+            "the consumer to declare its queue",
+            Duration::from_secs(20),
+            || async { self.look().await.is_ok() },
+        )
+        .await;
+    }
+
+    /// Consumers on the queue now.
+    async fn consumers(&self) -> u32 {
+        self.look().await.unwrap().consumer_count()
     }
 
     async fn publish(&self, message_id: Option<&str>, body: &[u8]) {
