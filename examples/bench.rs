@@ -51,6 +51,8 @@ impl QueueKind {
 
 struct Args {
     rows: usize,
+    /// Rounds of (ceiling, drain) per queue kind; medians are reported.
+    rounds: usize,
     json: bool,
     /// Run only the scenarios whose name contains this.
     only: Option<String>,
@@ -59,6 +61,7 @@ struct Args {
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
         rows: 100_000,
+        rounds: 3,
         json: false,
         only: None,
     };
@@ -66,10 +69,11 @@ fn args() -> anyhow::Result<Args> {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--rows" => a.rows = it.next().context("--rows needs a number")?.parse()?,
+            "--rounds" => a.rounds = it.next().context("--rounds needs a number")?.parse()?,
             "--json" => a.json = true,
             "--only" => a.only = Some(it.next().context("--only needs a scenario name")?),
             other => bail!(
-                "unknown argument {other:?} (expected --rows N, --json, \
+                "unknown argument {other:?} (expected --rows N, --rounds N, --json, \
                  --only raw|drain|scale|latency|idle|inbox)"
             ),
         }
@@ -101,19 +105,40 @@ async fn main() -> anyhow::Result<()> {
             &format!("raw ceiling, bare messages, {} queue", kind.name()),
             &[("msgs_per_s", bare)],
         );
-        let raw = raw_ceiling(&conn, kind, n, Messages::Relay).await?;
+        // Rounds of (ceiling, drain): each drain against the ceiling measured next to it,
+        // the median of the rounds reported, as this machine's speed drifts.
+        let (mut raws, mut drains, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            let raw = raw_ceiling(&conn, kind, n, Messages::Relay).await?;
+            raws.push(raw);
+            if wanted("drain") {
+                let drain =
+                    backlog_drain(&pg, &amqp, &conn, &relay_bin, Backlog::new(kind, n)).await?;
+                ratios.push(drain.rate / raw);
+                drains.push(drain);
+            }
+        }
+        let raw = median(&raws);
         report.row(
             &format!("raw ceiling, the relay's messages, {} queue", kind.name()),
             &[("msgs_per_s", raw), ("ratio_to_bare", raw / bare)],
         );
-        if !wanted("drain") {
+        if drains.is_empty() {
             continue;
         }
-        let drain = backlog_drain(&pg, &amqp, &conn, &relay_bin, Backlog::new(kind, n)).await?;
-        report.drain(
+        let rates: Vec<f64> = drains.iter().map(|d| d.rate).collect();
+        let cpu: Vec<f64> = drains.iter().map(|d| d.cpu_s_per_10k).collect();
+        let peak = drains.iter().map(|d| d.peak_rss_mib).fold(0.0, f64::max);
+        report.row(
             &format!("backlog drain {n} rows, {} queue", kind.name()),
-            &drain,
-            raw,
+            &[
+                ("rows_per_s", median(&rates)),
+                ("ratio_to_raw", median(&ratios)),
+                ("ratio_min", ratios.iter().copied().fold(f64::MAX, f64::min)),
+                ("ratio_max", ratios.iter().copied().fold(0.0, f64::max)),
+                ("relay_peak_rss_mib", peak),
+                ("relay_cpu_s_per_10k_rows", median(&cpu)),
+            ],
         );
     }
     if wanted("scale") {
@@ -479,6 +504,13 @@ struct Drain {
     rate: f64,
     peak_rss_mib: f64,
     cpu_s_per_10k: f64,
+}
+
+/// The median of a few figures.
+fn median(figures: &[f64]) -> f64 {
+    let mut sorted = figures.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// What a drain run sets up.
@@ -1124,18 +1156,6 @@ impl Report {
             println!("{:<66} figures", "scenario");
         }
         Report { json }
-    }
-
-    fn drain(&mut self, scenario: &str, drain: &Drain, raw: f64) {
-        self.row(
-            scenario,
-            &[
-                ("rows_per_s", drain.rate),
-                ("ratio_to_raw", drain.rate / raw),
-                ("relay_peak_rss_mib", drain.peak_rss_mib),
-                ("relay_cpu_s_per_10k_rows", drain.cpu_s_per_10k),
-            ],
-        );
     }
 
     fn row(&mut self, scenario: &str, figures: &[(&str, f64)]) {
