@@ -49,7 +49,7 @@ type Operation = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 /// What a database operation came back with.
 enum Done {
-    /// A claim from `from` of at most `limit` rows.
+    /// A claim of at most `limit` rows from the floor.
     Claimed {
         limit: usize,
         rows: Result<Vec<OutboxRow>>,
