@@ -423,6 +423,46 @@ async fn queue_depth(channel: &Channel, name: &str) -> anyhow::Result<u32> {
         .message_count())
 }
 
+/// Publishes to `queue` through the default exchange, mandatory, and waits for an ack.
+async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> anyhow::Result<()> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let confirm = channel
+        .basic_publish("".into(), queue.into(), options, body, props)
+        .await?
+        .await?;
+    anyhow::ensure!(confirm.is_ack(), "nack");
+    Ok(())
+}
+
+/// A plain consumer of `queue` on a channel of its own: automatic acks, 1000 ahead.
+async fn no_ack_consumer(conn: &Connection, queue: &str) -> anyhow::Result<lapin::Consumer> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(1000, lapin::options::BasicQosOptions::default())
+        .await?;
+    let options = lapin::options::BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let tag = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    Ok(channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            options,
+            FieldTable::default(),
+        )
+        .await?)
+}
+
 /// What the raw publisher sends.
 #[derive(Clone, Copy)]
 enum Messages {
@@ -467,33 +507,21 @@ async fn raw_ceiling(
         let (channel, queue, body) = (channel.clone(), queue.clone(), body.as_bytes());
         let props = messages.properties(i);
         confirms.push(async move {
-            let c = channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    body,
-                    props,
-                )
-                .await?
-                .await;
+            let confirmed = publish_confirmed(&channel, &queue, body, props).await;
             drop(permit);
-            c
+            confirmed
         });
         while let Some(Some(done)) = futures_util::FutureExt::now_or_never(confirms.next()) {
-            anyhow::ensure!(done?.is_ack(), "nack");
+            done?;
         }
         if window.available_permits() == 0
             && let Some(done) = confirms.next().await
         {
-            anyhow::ensure!(done?.is_ack(), "nack");
+            done?;
         }
     }
     while let Some(done) = confirms.next().await {
-        anyhow::ensure!(done?.is_ack(), "nack");
+        done?;
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
     channel
@@ -593,21 +621,7 @@ async fn backlog_drain(
     let launched = Instant::now();
     let consumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reader = if consume {
-        let ch = conn.create_channel().await?;
-        ch.basic_qos(1000, lapin::options::BasicQosOptions::default())
-            .await?;
-        let options = lapin::options::BasicConsumeOptions {
-            no_ack: true,
-            ..Default::default()
-        };
-        let mut deliveries = ch
-            .basic_consume(
-                queue.as_str().into(),
-                "drain".into(),
-                options,
-                FieldTable::default(),
-            )
-            .await?;
+        let mut deliveries = no_ack_consumer(conn, &queue).await?;
         let consumed = consumed.clone();
         Some(tokio::spawn(async move {
             while let Some(Ok(_)) = deliveries.next().await {
@@ -779,15 +793,7 @@ async fn raw_confirm_latency(conn: &Connection, rate: usize) -> anyhow::Result<P
         let props = Messages::Relay.properties(i);
         confirms.push(async move {
             let sent = Instant::now();
-            let options = BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            };
-            let confirm = channel
-                .basic_publish("".into(), queue.as_str().into(), options, body, props)
-                .await?
-                .await?;
-            anyhow::ensure!(confirm.is_ack(), "nack");
+            publish_confirmed(&channel, &queue, body, props).await?;
             anyhow::Ok(sent.elapsed().as_secs_f64())
         });
     }
@@ -821,21 +827,7 @@ async fn live_latency(
     let channel = conn.create_channel().await?;
     let queue = declare(&channel, QueueKind::Classic).await?;
     let received = Arc::new(std::sync::Mutex::new(Vec::<(String, Instant)>::new()));
-    let consumer_channel = conn.create_channel().await?;
-    consumer_channel
-        .basic_qos(1000, lapin::options::BasicQosOptions::default())
-        .await?;
-    let mut deliveries = consumer_channel
-        .basic_consume(
-            queue.as_str().into(),
-            "latency".into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut deliveries = no_ack_consumer(conn, &queue).await?;
     let reader = tokio::spawn({
         let received = received.clone();
         async move {

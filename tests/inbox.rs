@@ -151,6 +151,17 @@ impl Setup {
             .unwrap();
     }
 
+    /// Publishes `m-0`, `m-1`, ... with bodies `{"n": 0}`, `{"n": 1}`, ...
+    async fn publish_numbered(&self, count: usize) {
+        for n in 0..count {
+            self.publish(
+                Some(&format!("m-{n}")),
+                format!("{{\"n\": {n}}}").as_bytes(),
+            )
+            .await;
+        }
+    }
+
     async fn effects(&self, message_id: &str) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM effects WHERE message_id = $1")
             .bind(message_id)
@@ -308,13 +319,7 @@ async fn a_failing_handler_is_retried_then_dead_lettered_while_later_messages_ar
     };
     let _stop = s.start(handler.clone());
     s.wait_for_queue().await;
-    for n in 0..30 {
-        s.publish(
-            Some(&format!("m-{n}")),
-            format!("{{\"n\": {n}}}").as_bytes(),
-        )
-        .await;
-    }
+    s.publish_numbered(30).await;
     eventually(
         "every other message to be applied",
         Duration::from_secs(30),
@@ -370,13 +375,7 @@ async fn a_batch_with_a_failing_message_is_rolled_back_and_each_applied_alone() 
         || async { s.consumers().await == 0 },
     )
     .await;
-    for n in 0..30 {
-        s.publish(
-            Some(&format!("m-{n}")),
-            format!("{{\"n\": {n}}}").as_bytes(),
-        )
-        .await;
-    }
+    s.publish_numbered(30).await;
     let _stop = s.start(handler.clone());
     eventually(
         "every other message to be applied",
@@ -469,13 +468,7 @@ async fn outbox_rows_written_by_a_handler_exist_only_if_its_transaction_commits(
     };
     let _stop = s.start(handler.clone());
     s.wait_for_queue().await;
-    for n in 0..10 {
-        s.publish(
-            Some(&format!("m-{n}")),
-            format!("{{\"n\": {n}}}").as_bytes(),
-        )
-        .await;
-    }
+    s.publish_numbered(10).await;
     eventually(
         "all messages to be applied",
         Duration::from_secs(20),

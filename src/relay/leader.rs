@@ -161,10 +161,7 @@ impl<S: Store> Leader<S> {
                 for operation in [claiming.take(), marking.take()].into_iter().flatten() {
                     self.done(operation.await);
                 }
-                if !self.sent.is_empty() || !self.failed.is_empty() {
-                    let mark = self.mark();
-                    self.done(mark.await);
-                }
+                self.mark_waiting().await;
                 if self.connect(&mut reconnect, stop).await {
                     reconnect = reconnect_backoff();
                 }
@@ -292,7 +289,7 @@ impl<S: Store> Leader<S> {
     /// or the oldest has waited `MARK_DELAY`. One that changes what claims return waits for
     /// the running claim.
     fn next_mark(&mut self, claiming: bool) -> Option<Operation> {
-        let waiting = self.sent.len() + self.failed.len();
+        let waiting = self.marks_waiting();
         if waiting == 0 || self.database_retry_at.is_some() {
             return None;
         }
@@ -334,6 +331,19 @@ impl<S: Store> Leader<S> {
             let rows = store.claim(limit, from, &skip).await;
             Done::Claimed { limit, rows }
         }))
+    }
+
+    /// Confirms and failures waiting for their mark.
+    fn marks_waiting(&self) -> usize {
+        self.sent.len() + self.failed.len()
+    }
+
+    /// Marks what is waiting now, without waiting for a batch (a failed mark keeps them).
+    async fn mark_waiting(&mut self) {
+        if self.marks_waiting() > 0 {
+            let mark = self.mark();
+            self.done(mark.await);
+        }
     }
 
     /// A mark of every confirm and failure waiting.
@@ -564,13 +574,10 @@ impl<S: Store> Leader<S> {
         }
         self.collect();
         let outstanding = self.outstanding();
-        if !self.sent.is_empty() || !self.failed.is_empty() {
-            let mark = self.mark();
-            self.done(mark.await);
-        }
-        if !self.sent.is_empty() || !self.failed.is_empty() {
+        self.mark_waiting().await;
+        if self.marks_waiting() > 0 {
             tracing::warn!(
-                rows = self.sent.len() + self.failed.len(),
+                rows = self.marks_waiting(),
                 "could not record the last confirms: those rows will be published again"
             );
         }

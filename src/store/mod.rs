@@ -126,11 +126,6 @@ impl Inserts {
         Some(self.from.swap(i64::MAX, Ordering::SeqCst)).filter(|&id| id != i64::MAX)
     }
 
-    /// Whether something was reported since the last [`Inserts::take`].
-    pub fn pending(&self) -> bool {
-        self.from.load(Ordering::SeqCst) != i64::MAX
-    }
-
     /// Resolves at the next report.
     pub async fn notified(&self) {
         self.notify.notified().await
