@@ -4,7 +4,9 @@
 mod pipeline;
 mod properties;
 
-pub use pipeline::{Outcome, Pipeline};
+#[cfg(test)]
+pub(crate) use pipeline::{Confirm, settle};
+pub use pipeline::{Outcome, Pipeline, Report};
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -175,6 +177,11 @@ impl Publisher {
             check: Mutex::new(None),
             known_exchanges: Default::default(),
         }))
+    }
+
+    /// The AMQP connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     /// The connection and the publishing channel are both open.

@@ -15,122 +15,185 @@ use std::time::Duration;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::Confirmation;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 
-use super::{PublishError, Publisher};
+use super::{PublishError, Publisher, closed};
 use crate::message::OutboxRow;
 
-/// What became of one published row.
+/// What a connection's publish task reports.
 #[derive(Debug)]
+pub enum Report {
+    /// What became of one published row.
+    Outcome(Outcome),
+    /// Connection `conn` is no longer open.
+    Lost {
+        /// The connection.
+        conn: u64,
+    },
+}
+
+/// What became of one published row.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
+    /// The connection it was published on.
+    pub conn: u64,
     /// The row.
-    pub row: OutboxRow,
+    pub id: i64,
     /// Confirmed and routed, or why not.
     pub result: Result<(), PublishError>,
 }
-
-/// A row to publish, holding its place in the in-flight window until it is settled.
-type Job = (OutboxRow, OwnedSemaphorePermit);
 
 /// The sending side of a connection's publish task; dropping it lets the task finish what
 /// is in flight and end.
 pub struct Pipeline {
     /// Rows to publish.
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Arc<OutboxRow>>,
 }
 
 impl Pipeline {
-    /// Starts the publish task for `publisher`; outcomes go to `outcomes`.
+    /// Starts the publish task of connection `conn`; what becomes of its rows goes to `reports`.
     pub fn start(
         publisher: Arc<Publisher>,
+        conn: u64,
         app_id: Option<String>,
         timeout: Duration,
-        outcomes: mpsc::UnboundedSender<Outcome>,
+        reports: mpsc::UnboundedSender<Report>,
     ) -> Self {
         let (jobs, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(publisher, app_id.map(Arc::from), timeout, rx, outcomes));
+        let task = Task {
+            publisher,
+            conn,
+            app_id: app_id.map(Arc::from),
+            timeout,
+            reports,
+        };
+        tokio::spawn(task.run(rx));
         Pipeline { jobs }
     }
 
     /// Queues `row` for publishing.
-    pub fn publish(&self, row: OutboxRow, permit: OwnedSemaphorePermit) {
+    pub fn publish(&self, row: Arc<OutboxRow>) {
         // The task ends only after this sender is dropped.
-        let _ = self.jobs.send((row, permit));
+        let _ = self.jobs.send(row);
     }
 }
 
-async fn run(
+/// One connection's publish task.
+struct Task {
+    /// The connection and its confirm-mode channel.
     publisher: Arc<Publisher>,
+    /// The connection's number, on every report.
+    conn: u64,
+    /// The AMQP `app_id` property.
     app_id: Option<Arc<str>>,
+    /// How long a confirm may take.
     timeout: Duration,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-    outcomes: mpsc::UnboundedSender<Outcome>,
-) {
-    let mut in_flight = FuturesUnordered::new();
-    let mut returned = HashMap::new();
-    let mut open = true;
-    loop {
-        tokio::select! {
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let mut ready = vec![done];
-                while let Some(Some(more)) = in_flight.next().now_or_never() {
-                    ready.push(more);
+    /// Where outcomes go.
+    reports: mpsc::UnboundedSender<Report>,
+}
+
+impl Task {
+    async fn run(self, mut jobs: mpsc::UnboundedReceiver<Arc<OutboxRow>>) {
+        let mut in_flight = FuturesUnordered::new();
+        let mut returned = HashMap::new();
+        let mut open = true;
+        let mut lost = std::pin::pin!(closed(self.publisher.connection()));
+        let mut reported_lost = false;
+        while open || !in_flight.is_empty() {
+            tokio::select! {
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    let mut ready = vec![done];
+                    while let Some(Some(more)) = in_flight.next().now_or_never() {
+                        ready.push(more);
+                    }
+                    for outcome in settle(self.conn, ready, &mut returned) {
+                        let _ = self.reports.send(Report::Outcome(outcome));
+                    }
                 }
-                settle(ready, &mut returned, &outcomes);
+                job = jobs.recv(), if open => match job {
+                    Some(row) => {
+                        let (publisher, app_id, timeout) = (self.publisher.clone(), self.app_id.clone(), self.timeout);
+                        in_flight.push(async move {
+                            let confirm = publisher.publish(&row, app_id.as_deref(), timeout).await;
+                            (row, Confirm::from(confirm))
+                        });
+                    }
+                    None => open = false,
+                },
+                _ = &mut lost, if !reported_lost => {
+                    reported_lost = true;
+                    let _ = self.reports.send(Report::Lost { conn: self.conn });
+                }
             }
-            job = jobs.recv(), if open => match job {
-                Some((row, permit)) => {
-                    let (publisher, app_id) = (publisher.clone(), app_id.clone());
-                    in_flight.push(async move {
-                        let confirmation = publisher.publish(&row, app_id.as_deref(), timeout).await;
-                        (row, permit, confirmation)
-                    });
-                }
-                None => open = false,
-            },
-            else => break,
         }
     }
 }
 
-/// Records every return carried by `ready`, then gives each row its verdict.
-fn settle(
-    ready: Vec<(
-        OutboxRow,
-        OwnedSemaphorePermit,
-        Result<Confirmation, PublishError>,
-    )>,
-    returned: &mut HashMap<String, String>,
-    outcomes: &mpsc::UnboundedSender<Outcome>,
-) {
-    for (_, _, confirmation) in &ready {
-        if let Ok(Confirmation::Ack(Some(message)) | Confirmation::Nack(Some(message))) =
-            confirmation
-        {
-            let id = message
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            returned.insert(id, message.reply_text.to_string());
-        }
-    }
-    for (row, permit, confirmation) in ready {
-        let was_returned = returned.remove(&row.message_id);
-        let result = match confirmation {
-            Err(e) => Err(e),
-            Ok(Confirmation::Nack(_)) => Err(PublishError::Nack),
-            Ok(Confirmation::NotRequested) => Err(PublishError::Connection(
+/// A publish's confirmation as the pipeline reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Confirm {
+    /// The broker acked; the confirmation carried this return (message id, reply text), which
+    /// may be another message's.
+    Ack(Option<(String, String)>),
+    /// The broker nacked; the same about a carried return.
+    Nack(Option<(String, String)>),
+    /// No confirmation: why.
+    Failed(PublishError),
+}
+
+impl From<Result<Confirmation, PublishError>> for Confirm {
+    fn from(confirmation: Result<Confirmation, PublishError>) -> Self {
+        let carried = |message: Option<lapin::message::BasicReturnMessage>| {
+            message.map(|m| {
+                let id = m
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string());
+                (id.unwrap_or_default(), m.reply_text.to_string())
+            })
+        };
+        match confirmation {
+            Ok(Confirmation::Ack(message)) => Confirm::Ack(carried(message)),
+            Ok(Confirmation::Nack(message)) => Confirm::Nack(carried(message)),
+            Ok(Confirmation::NotRequested) => Confirm::Failed(PublishError::Connection(
                 "publisher confirms are off".into(),
             )),
-            Ok(Confirmation::Ack(_)) => match was_returned {
-                Some(reply) => Err(PublishError::Unroutable(reply)),
-                None => Ok(()),
-            },
-        };
-        drop(permit);
-        let _ = outcomes.send(Outcome { row, result });
+            Err(e) => Confirm::Failed(e),
+        }
     }
+}
+
+/// Gives each confirmation that is ready its verdict, after recording every return they
+/// carry (a return rides on whichever confirm lapin completes next, not always its own).
+pub(crate) fn settle(
+    conn: u64,
+    ready: Vec<(Arc<OutboxRow>, Confirm)>,
+    returned: &mut HashMap<String, String>,
+) -> Vec<Outcome> {
+    for (_, confirm) in &ready {
+        if let Confirm::Ack(Some((id, reply))) | Confirm::Nack(Some((id, reply))) = confirm {
+            returned.insert(id.clone(), reply.clone());
+        }
+    }
+    ready
+        .into_iter()
+        .map(|(row, confirm)| {
+            let was_returned = returned.remove(&row.message_id);
+            let result = match confirm {
+                Confirm::Failed(e) => Err(e),
+                Confirm::Nack(_) => Err(PublishError::Nack),
+                Confirm::Ack(_) => match was_returned {
+                    Some(reply) => Err(PublishError::Unroutable(reply)),
+                    None => Ok(()),
+                },
+            };
+            Outcome {
+                conn,
+                id: row.id,
+                result,
+            }
+        })
+        .collect()
 }

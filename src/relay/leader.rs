@@ -1,18 +1,19 @@
-//! The leader's loop: claim ahead -> publish -> confirm -> mark.
+//! The leader's bookkeeping, without I/O: which rows it holds, what to claim, publish and
+//! mark next. [`super::driver`] runs the database and broker work it asks for and feeds the
+//! results back; the model test drives it directly against an in-memory table and broker.
 //!
 //! Only the leader publishes, so which rows it holds lives here, in memory: claims are plain
-//! reads ([`Store::claim`]) and a row is held from its claim until its mark commits, so it is
-//! never claimed twice. A claim and a mark may run at once while the loop keeps publishing:
-//! the window of unconfirmed publishes is refilled from rows claimed ahead as confirms
-//! arrive, so the database work overlaps the broker's, and a slow commit of marks delays no
-//! publish. A mark that changes what claims may return (a failure, or the success of a
-//! retried row, which releases its key) runs alone.
+//! reads and a row is held from its claim until its mark commits, so it is never claimed
+//! twice. A claim and a mark may run at once while publishing goes on: the window of
+//! unconfirmed publishes is refilled from rows claimed ahead as confirms arrive. A mark that
+//! changes what claims may return (a failure, or the success of a retried row, which
+//! releases its key) runs alone.
 //!
 //! Claims walk the table in id order from a floor: normally just above the highest id
 //! claimed, so a claim never rereads the rows in flight. The floor drops when rows below it
 //! may have become claimable: a late commit (the notification names its smallest id), a
-//! failed row whose retry fell due, a key released by its failed row's success, a lost
-//! notification connection (then the leader polls from 0).
+//! failed row whose retry fell due, a key released by its failed row's success, or no
+//! notifications arriving (then the leader looks from 0 every poll interval).
 //!
 //! Order per key: a key has at most one publish unconfirmed. Its later rows wait here and
 //! the next one is published as soon as the broker confirms the one before; a row that fails
@@ -20,22 +21,16 @@
 //! failed one (dead, or waiting to retry) until that row is sent.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Nodes, Outcome, Pipeline, PublishError, Publisher, reconnect_backoff};
+use crate::broker::{Outcome, PublishError};
 use crate::config::RelayConfig;
 use crate::message::OutboxRow;
 use crate::metrics as m;
-use crate::store::{Failure, Inserts, Store};
-use crate::{Health, Result};
+use crate::store::Failure;
 
 /// How long a confirmed row may wait for its mark while more confirms are coming. Marks are
 /// off the publishing path, so this only trades commits per second against rows held.
@@ -44,59 +39,76 @@ const MARK_DELAY: Duration = Duration::from_millis(25);
 /// How long to wait before retrying a database operation that failed.
 const DATABASE_RETRY: Duration = Duration::from_millis(500);
 
-/// A database operation in progress.
-type Operation = Pin<Box<dyn Future<Output = Done> + Send>>;
-
-/// What a database operation came back with.
-enum Done {
-    /// A claim of at most `limit` rows from the floor.
-    Claimed {
+/// What the driver is asked to do next.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Read up to `limit` claimable rows with ids from `from` up, skipping `skip`.
+    Claim {
         limit: usize,
-        rows: Result<Vec<OutboxRow>>,
+        from: i64,
+        skip: Vec<i64>,
     },
-    /// A mark of these confirmed and failed rows.
-    Marked {
+    /// Record confirmed rows as sent and failed attempts, in one transaction.
+    Mark {
         sent: Vec<i64>,
         failed: Vec<Failure>,
-        released: Option<i64>,
-        result: Result<()>,
     },
+    /// Open a broker connection; report it with [`Leader::connected`] or
+    /// [`Leader::connect_failed`].
+    Connect,
+    /// Publish `row` on connection `conn`.
+    Publish { conn: u64, row: Arc<OutboxRow> },
+    /// Stop using connection `conn` and close it.
+    Retire { conn: u64 },
+}
+
+/// The broker connection, as the leader sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Broker {
+    /// No connection; the next attempt is due at this time.
+    Down { retry_at: Instant },
+    /// An attempt is running.
+    Connecting,
+    /// Connection `conn` is open.
+    Up { conn: u64 },
+}
+
+/// A mark the driver is running, kept so that a failed mark can be tried again.
+#[derive(Debug)]
+struct Marking {
+    sent: Vec<i64>,
+    failed: Vec<Failure>,
+    released: Option<i64>,
 }
 
 /// The state of one leadership term.
-pub(super) struct Leader<S> {
-    /// The table.
-    store: S,
+pub(crate) struct Leader {
     /// Knobs.
     config: RelayConfig,
-    /// Shared state for gauges and `/readyz`.
-    health: Arc<Health>,
-    /// Committed rows, as the database reports them.
-    inserts: Arc<Inserts>,
-    /// The broker's nodes, tried in turn.
-    nodes: Nodes,
-    /// The open publishing connection and its publish task, if any.
-    publisher: Option<(Arc<Publisher>, Pipeline)>,
-    /// Bounds unconfirmed publishes to `OUTBOX_MAX_IN_FLIGHT`.
-    window: Arc<Semaphore>,
-    /// Where publish tasks report.
-    outcomes_tx: mpsc::UnboundedSender<Outcome>,
-    /// Read by the loop.
-    outcomes: mpsc::UnboundedReceiver<Outcome>,
     /// Rows claimed and not yet marked, whatever their stage: never claimed again while here.
     held: HashSet<i64>,
     /// Rows that may be published now, in claim order.
-    ready: VecDeque<OutboxRow>,
+    ready: VecDeque<Arc<OutboxRow>>,
     /// Keys with a row ready or unconfirmed, and the rows of that key waiting behind it.
-    keys: HashMap<String, VecDeque<OutboxRow>>,
+    keys: HashMap<String, VecDeque<Arc<OutboxRow>>>,
     /// Keys whose failed row is not yet marked, with that row: claims drop their rows.
     failing: HashMap<String, i64>,
+    /// Published rows waiting for their confirm, with the connection they went out on.
+    in_flight: HashMap<i64, (u64, Arc<OutboxRow>)>,
     /// Claims start at this id.
     floor: i64,
     /// The highest id claimed this term.
     top: i64,
     /// Rows may be claimable at or above the floor.
     dirty: bool,
+    /// The smallest id reported committed since the last claim started.
+    committed_from: Option<i64>,
+    /// Notifications of committed rows are arriving.
+    listening: bool,
+    /// The limit of the claim running, if one is.
+    claiming: Option<usize>,
+    /// The mark running, if one is.
+    marking: Option<Marking>,
     /// Confirmed rows waiting for their mark.
     sent: Vec<i64>,
     /// Failed attempts waiting for their mark.
@@ -108,101 +120,380 @@ pub(super) struct Leader<S> {
     first_mark_at: Option<Instant>,
     /// No database operation before this (after one failed).
     database_retry_at: Option<Instant>,
-    /// A mark that changes what claims return is running: no claim starts meanwhile.
-    exclusive_mark: bool,
     /// When to look at the whole table if notifications are not arriving.
     poll_at: Instant,
+    /// The broker connection.
+    broker: Broker,
+    /// The last connection number handed out.
+    last_conn: u64,
+    /// The broker blocks publishing (resource alarm).
+    blocked: bool,
+    /// Delays between failed connection attempts; reset after a success.
+    reconnect: Box<dyn Iterator<Item = Duration> + Send>,
+    /// Connections to close (made suspect by an outcome).
+    retiring: Vec<u64>,
+    /// Stopping: no claims and no publishes; the term ends at this deadline at the latest.
+    stop_at: Option<Instant>,
+    /// The last mark of the term has been started.
+    final_mark_tried: bool,
+    /// The last mark of the term has been written (or tried).
+    finished: bool,
 }
 
-impl<S: Store> Leader<S> {
-    pub(super) fn new(
-        store: S,
-        config: RelayConfig,
-        health: Arc<Health>,
-        inserts: Arc<Inserts>,
-    ) -> Self {
-        let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
+impl Leader {
+    /// A new term at `now`: nothing held, the whole table to look at.
+    pub(crate) fn new(config: RelayConfig, now: Instant) -> Self {
         Leader {
-            nodes: Nodes::new(config.amqp_urls.clone()),
-            window: Arc::new(Semaphore::new(config.max_in_flight)),
-            poll_at: Instant::now() + config.poll_interval,
-            store,
+            poll_at: now + config.poll_interval,
             config,
-            health,
-            inserts,
-            publisher: None,
-            outcomes_tx,
-            outcomes,
             held: HashSet::new(),
             ready: VecDeque::new(),
             keys: HashMap::new(),
             failing: HashMap::new(),
+            in_flight: HashMap::new(),
             floor: 0,
             top: 0,
             dirty: true,
+            committed_from: None,
+            listening: false,
+            claiming: None,
+            marking: None,
             sent: Vec::new(),
             failed: Vec::new(),
             released: None,
             first_mark_at: None,
             database_retry_at: None,
-            exclusive_mark: false,
+            broker: Broker::Down { retry_at: now },
+            last_conn: 0,
+            blocked: false,
+            reconnect: Box::new(crate::broker::reconnect_backoff()),
+            retiring: Vec::new(),
+            stop_at: None,
+            final_mark_tried: false,
+            finished: false,
         }
     }
 
-    /// Publishes until `stop`, then drains within the grace period.
-    pub(super) async fn run(mut self, stop: &CancellationToken) {
-        let mut reconnect = reconnect_backoff();
-        let mut claiming: Option<Operation> = None;
-        let mut marking: Option<Operation> = None;
-        while !stop.is_cancelled() {
-            self.collect();
-            if !self.connected() {
-                // Record what the last connection confirmed before waiting for the next one.
-                for operation in [claiming.take(), marking.take()].into_iter().flatten() {
-                    self.done(operation.await);
-                }
-                self.mark_waiting().await;
-                if self.connect(&mut reconnect, stop).await {
-                    reconnect = reconnect_backoff();
-                }
-                continue;
-            }
-            self.publish_ready();
-            if self.database_retry_at.is_some_and(|t| t <= Instant::now()) {
-                self.database_retry_at = None;
-            }
-            if claiming.is_none() {
-                claiming = self.claim();
-            }
-            if marking.is_none() {
-                marking = self.next_mark(claiming.is_some());
-            }
-            let wake_at = self.wake_at(marking.is_some());
-            tokio::select! {
-                done = async { claiming.as_mut().expect("checked").await }, if claiming.is_some() => {
-                    claiming = None;
-                    self.done(done);
-                }
-                done = async { marking.as_mut().expect("checked").await }, if marking.is_some() => {
-                    marking = None;
-                    self.done(done);
-                }
-                Some(outcome) = self.outcomes.recv() => self.record(outcome),
-                _ = self.inserts.notified() => {}
-                _ = self.health.broker_changed.notified() => {}
-                _ = tokio::time::sleep_until(wake_at) => self.timers(),
-                _ = stop.cancelled() => {}
-            }
+    /// The next thing to do at `now`, if any. Call until it returns `None`.
+    pub(crate) fn poll_action(&mut self, now: Instant) -> Option<Action> {
+        self.expire(now);
+        if let Some(conn) = self.retiring.pop() {
+            return Some(Action::Retire { conn });
         }
-        for operation in [claiming, marking].into_iter().flatten() {
-            self.done(operation.await);
+        if let Some(action) = self.poll_stop(now) {
+            return Some(action);
         }
-        self.drain().await;
+        if self.stop_at.is_some() {
+            return None;
+        }
+        if let Broker::Down { retry_at } = self.broker
+            && retry_at <= now
+        {
+            self.broker = Broker::Connecting;
+            return Some(Action::Connect);
+        }
+        if let Some(publish) = self.next_publish() {
+            return Some(publish);
+        }
+        if let Some(claim) = self.next_claim() {
+            return Some(claim);
+        }
+        self.next_mark(now)
+    }
+
+    /// When [`Leader::poll_action`] may have something new to do, events aside.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        let mark = self
+            .first_mark_at
+            .map(|t| t + MARK_DELAY)
+            .filter(|_| self.marking.is_none());
+        let connect = match self.broker {
+            Broker::Down { retry_at } => Some(retry_at),
+            _ => None,
+        };
+        [
+            mark,
+            self.database_retry_at,
+            Some(self.poll_at),
+            connect,
+            self.stop_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The term is over: stopped and its last mark written or tried.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
     }
 
     /// Unconfirmed publishes right now.
-    fn outstanding(&self) -> usize {
-        self.config.max_in_flight - self.window.available_permits()
+    pub(crate) fn outstanding(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Rows committed with ids from `from` up (0: look at the whole table).
+    pub(crate) fn committed(&mut self, from: i64) {
+        self.committed_from = Some(self.committed_from.map_or(from, |f| f.min(from)));
+    }
+
+    /// Whether notifications of committed rows are arriving.
+    pub(crate) fn set_listening(&mut self, listening: bool) {
+        self.listening = listening;
+    }
+
+    /// The broker blocks (or unblocks) publishing.
+    pub(crate) fn set_blocked(&mut self, blocked: bool) {
+        self.blocked = blocked;
+    }
+
+    /// Whether a broker connection is open.
+    pub(crate) fn is_connected(&self) -> bool {
+        matches!(self.broker, Broker::Up { .. })
+    }
+
+    /// Stops the term: no more claims or publishes; outstanding confirms are awaited until
+    /// the grace period ends, then the last mark is written.
+    pub(crate) fn stop(&mut self, now: Instant) {
+        if self.stop_at.is_none() {
+            self.stop_at = Some(now + self.config.shutdown_grace);
+        }
+    }
+
+    /// Connection attempt done: connection `conn` is open.
+    pub(crate) fn connected(&mut self) -> u64 {
+        self.last_conn += 1;
+        self.broker = Broker::Up {
+            conn: self.last_conn,
+        };
+        self.blocked = false;
+        self.reconnect = Box::new(crate::broker::reconnect_backoff());
+        self.last_conn
+    }
+
+    /// Connection attempt done: no node answered.
+    pub(crate) fn connect_failed(&mut self, now: Instant) {
+        let delay = self.reconnect.next().unwrap_or(Duration::from_secs(5));
+        self.broker = Broker::Down {
+            retry_at: now + delay,
+        };
+    }
+
+    /// Connection `conn` was lost; its publishes come back as connection failures.
+    pub(crate) fn connection_lost(&mut self, now: Instant, conn: u64) {
+        if self.broker == (Broker::Up { conn }) {
+            tracing::warn!("broker connection lost: reconnecting");
+            self.broker = Broker::Down { retry_at: now };
+            self.blocked = false;
+        }
+    }
+
+    /// A claim came back.
+    pub(crate) fn claimed(&mut self, now: Instant, rows: Result<Vec<OutboxRow>, ()>) {
+        let limit = self.claiming.take().expect("a claim was running");
+        let Ok(rows) = rows else {
+            self.database_failed(now);
+            return;
+        };
+        let full = rows.len() == limit;
+        let last = rows.last().map(|r| r.id);
+        for row in rows {
+            self.take(row);
+        }
+        // Everything claimable from the floor up to here is now held.
+        self.floor = match (full, last) {
+            (true, Some(last)) => last + 1,
+            _ => self.top + 1,
+        };
+        self.dirty = full;
+    }
+
+    /// The running mark came back.
+    pub(crate) fn marked(&mut self, now: Instant, ok: bool) {
+        let Marking {
+            mut sent,
+            mut failed,
+            released,
+        } = self.marking.take().expect("a mark was running");
+        if ok {
+            metrics::counter!(m::PUBLISHED).increment(sent.len() as u64);
+            for id in sent.iter().chain(failed.iter().map(|f| &f.id)) {
+                self.held.remove(id);
+            }
+            // Their failures are in the table now: the claims hold their keys back.
+            self.failing
+                .retain(|_, id| !failed.iter().any(|f| f.id == *id));
+            if let Some(id) = released {
+                self.floor = self.floor.min(id);
+                self.dirty = true;
+            }
+            return;
+        }
+        self.database_failed(now);
+        sent.append(&mut self.sent);
+        failed.append(&mut self.failed);
+        self.sent = sent;
+        self.failed = failed;
+        self.released = self.released.min(released).or(released);
+        self.first_mark_at.get_or_insert(now);
+    }
+
+    /// Time passed: timers that fell due take effect.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.expire(now);
+        if now >= self.poll_at {
+            self.poll_at = now + self.config.poll_interval;
+            if !self.listening {
+                self.floor = 0;
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Sorts one outcome: a confirm releases its key's next row; a failure of the row's own
+    /// making is marked and drops its key's rows held behind it; an interruption puts the row
+    /// back to be published first.
+    pub(crate) fn outcome(
+        &mut self,
+        now: Instant,
+        Outcome {
+            conn: _,
+            id,
+            result,
+        }: Outcome,
+    ) {
+        let Some((_, row)) = self.in_flight.remove(&id) else {
+            return;
+        };
+        let error = match result {
+            Ok(()) => return self.confirmed(now, row),
+            Err(error) => error,
+        };
+        metrics::counter!(m::PUBLISH_FAILURES, "reason" => error.reason()).increment(1);
+        let suspect = match error {
+            // A broker that is not blocking us confirms or nacks every publish: silence means
+            // the connection is gone, perhaps half-open.
+            PublishError::Timeout => !self.blocked,
+            // After a quorum queue's leader moves, a channel can keep being nacked while a new
+            // one is not (seen with RabbitMQ 3.10 when a cluster node stops).
+            PublishError::Nack => true,
+            _ => false,
+        };
+        if suspect && let Broker::Up { conn } = self.broker {
+            tracing::warn!(%error, "publishing on a new connection");
+            self.retire(now, conn);
+        }
+        let not_the_rows_fault = matches!(error, PublishError::Connection(_))
+            || (error == PublishError::Timeout && self.blocked);
+        if not_the_rows_fault {
+            // No attempt is counted; its key stays taken, so it goes out first again.
+            tracing::debug!(message_id = %row.message_id, %error, "publish interrupted; will publish again");
+            self.ready.push_front(row);
+            return;
+        }
+        self.fail(now, &row, error);
+    }
+
+    fn retire(&mut self, now: Instant, conn: u64) {
+        self.retiring.push(conn);
+        self.broker = Broker::Down { retry_at: now };
+        self.blocked = false;
+    }
+
+    fn confirmed(&mut self, now: Instant, row: Arc<OutboxRow>) {
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        metrics::histogram!(m::PUBLISH_LATENCY).record((epoch - row.created_at).max(0.0));
+        self.first_mark_at.get_or_insert(now);
+        self.sent.push(row.id);
+        if row.attempts > 0 {
+            self.released = Some(self.released.map_or(row.id, |r| r.min(row.id)));
+        }
+        if let Some(key) = &row.ordering_key {
+            self.release_key(key);
+        }
+    }
+
+    /// Records a failed attempt of `row`: its key's rows held behind it are dropped (claims
+    /// find them again once it is sent).
+    fn fail(&mut self, now: Instant, row: &OutboxRow, error: PublishError) {
+        let attempt = row.attempts as u32 + 1;
+        let permanent = matches!(error, PublishError::BadRow(_));
+        let dead = permanent || attempt >= self.config.max_attempts;
+        tracing::warn!(
+            message_id = %row.message_id, exchange = %row.exchange, routing_key = %row.routing_key,
+            ordering_key = row.ordering_key.as_deref(), attempt, dead, %error, "publish failed"
+        );
+        if let Some(key) = &row.ordering_key {
+            for behind in self.keys.remove(key).into_iter().flatten() {
+                self.held.remove(&behind.id);
+            }
+            self.failing.insert(key.clone(), row.id);
+        }
+        self.first_mark_at.get_or_insert(now);
+        self.failed.push(Failure {
+            id: row.id,
+            error: error.to_string(),
+            retry_in: retry_delay(attempt, row.id, &self.config),
+            permanent,
+        });
+    }
+
+    /// Clears timers that have passed.
+    fn expire(&mut self, now: Instant) {
+        if self.database_retry_at.is_some_and(|t| t <= now) {
+            self.database_retry_at = None;
+        }
+    }
+
+    /// While stopping: once nothing is outstanding (or the grace period is over), the last
+    /// mark; then the term is finished.
+    fn poll_stop(&mut self, now: Instant) -> Option<Action> {
+        let stop_at = self.stop_at?;
+        if self.finished || self.claiming.is_some() || self.marking.is_some() {
+            return None;
+        }
+        if self.outstanding() > 0 && now < stop_at {
+            return None;
+        }
+        if self.marks_waiting() > 0 && !self.final_mark_tried {
+            self.final_mark_tried = true;
+            return Some(self.mark());
+        }
+        self.finished = true;
+        if self.outstanding() > 0 {
+            tracing::warn!(
+                rows = self.outstanding(),
+                "stopped with publishes unconfirmed: those rows stay pending and will be published again"
+            );
+        }
+        if self.marks_waiting() > 0 {
+            tracing::warn!(
+                rows = self.marks_waiting(),
+                "could not record the last confirms: those rows will be published again"
+            );
+        }
+        match self.broker {
+            Broker::Up { conn } => Some(Action::Retire { conn }),
+            _ => None,
+        }
+    }
+
+    /// A row to publish, if one is ready, the window has room and the broker takes it (a
+    /// publish sent while blocked would only wait).
+    fn next_publish(&mut self) -> Option<Action> {
+        let Broker::Up { conn } = self.broker else {
+            return None;
+        };
+        if self.blocked || self.in_flight.len() >= self.config.max_in_flight {
+            return None;
+        }
+        let row = self.ready.pop_front()?;
+        self.in_flight.insert(row.id, (conn, row.clone()));
+        Some(Action::Publish { conn, row })
     }
 
     /// Rows held at most: the window, as many again claimed ahead (so that each key's next
@@ -211,113 +502,24 @@ impl<S: Store> Leader<S> {
         2 * self.config.max_in_flight + 2 * self.config.batch_size
     }
 
-    /// The publisher is open; a broken one is dropped (its rows come back as connection failures).
-    fn connected(&mut self) -> bool {
-        if self.publisher.as_ref().is_some_and(|(p, _)| !p.is_open()) {
-            tracing::warn!("broker connection lost: reconnecting");
-            self.drop_publisher();
-        }
-        self.publisher.is_some()
-    }
-
-    /// Forgets the connection; its publish task ends once its publishes have settled (they
-    /// come back as failures and are published again on the next connection).
-    fn drop_publisher(&mut self) {
-        if let Some((publisher, _)) = self.publisher.take() {
-            tokio::spawn(async move {
-                tokio::time::timeout(Duration::from_secs(5), publisher.close()).await
-            });
-        }
-        self.health.set_broker_connected(false);
-        self.health.set_blocked(None);
-    }
-
-    /// One pass over the nodes; on failure waits the next backoff step. Returns whether connected.
-    async fn connect(
-        &mut self,
-        backoff: &mut impl Iterator<Item = Duration>,
-        stop: &CancellationToken,
-    ) -> bool {
-        match self
-            .nodes
-            .connect(self.config.connect_timeout, &self.health)
-            .await
-        {
-            Ok(publisher) => {
-                let pipeline = Pipeline::start(
-                    publisher.clone(),
-                    self.config.app_id.clone(),
-                    self.config.confirm_timeout,
-                    self.outcomes_tx.clone(),
-                );
-                self.publisher = Some((publisher, pipeline));
-                self.health.set_blocked(None);
-                self.health.set_broker_connected(true);
-                true
-            }
-            Err(error) => {
-                tracing::warn!(%error, "no broker node reachable: retrying");
-                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.cancelled() => {}
-                }
-                false
-            }
-        }
-    }
-
-    /// Hands ready rows to the publish task while the window has room and the broker is not
-    /// blocking us (a publish sent while blocked would only wait).
-    fn publish_ready(&mut self) {
-        let Some((_, pipeline)) = &self.publisher else {
-            return;
-        };
-        if self.health.blocked().is_some() {
-            return;
-        }
-        while !self.ready.is_empty() {
-            let Ok(permit) = self.window.clone().try_acquire_owned() else {
-                return;
-            };
-            let row = self.ready.pop_front().expect("not empty");
-            pipeline.publish(row, permit);
-        }
-    }
-
-    /// The mark to start now, if any: a batch of confirms, or fewer once the window is idle
-    /// or the oldest has waited `MARK_DELAY`. One that changes what claims return waits for
-    /// the running claim.
-    fn next_mark(&mut self, claiming: bool) -> Option<Operation> {
-        let waiting = self.marks_waiting();
-        if waiting == 0 || self.database_retry_at.is_some() {
-            return None;
-        }
-        let idle = self.outstanding() == 0 && self.ready.is_empty();
-        let due = self
-            .first_mark_at
-            .is_some_and(|t| t.elapsed() >= MARK_DELAY);
-        let exclusive = !self.failed.is_empty() || self.released.is_some();
-        (waiting >= self.config.batch_size || idle || due)
-            .then_some(())
-            .filter(|_| !(exclusive && claiming))
-            .map(|_| self.mark())
-    }
-
     /// A claim of what room allows from the floor, if rows may be claimable and the broker
     /// takes them.
-    fn claim(&mut self) -> Option<Operation> {
-        if let Some(from) = self.inserts.take() {
+    fn next_claim(&mut self) -> Option<Action> {
+        if self.claiming.is_some() {
+            return None;
+        }
+        if let Some(from) = self.committed_from.take() {
             // Below the floor only if committed late (or the whole table is asked for).
             self.floor = self.floor.min(from);
             self.dirty = true;
         }
         let room = self.capacity().saturating_sub(self.held.len());
         let worth_it = room >= self.config.batch_size / 2 || self.ready.is_empty();
-        let blocked = self.health.blocked().is_some();
         // A mark that changes what claims return goes first (claims would starve it).
-        let exclusive = self.exclusive_mark || !self.failed.is_empty() || self.released.is_some();
-        if !self.dirty || room == 0 || !worth_it || blocked || exclusive {
+        let exclusive = self.marking.as_ref().is_some_and(Marking::is_exclusive)
+            || !self.failed.is_empty()
+            || self.released.is_some();
+        if !self.dirty || room == 0 || !worth_it || self.blocked || exclusive {
             return None;
         }
         if self.database_retry_at.is_some() {
@@ -326,11 +528,8 @@ impl<S: Store> Leader<S> {
         let limit = room.min(self.config.batch_size);
         let from = self.floor;
         let skip: Vec<i64> = self.held.iter().copied().filter(|&id| id >= from).collect();
-        let store = self.store.clone();
-        Some(Box::pin(async move {
-            let rows = store.claim(limit, from, &skip).await;
-            Done::Claimed { limit, rows }
-        }))
+        self.claiming = Some(limit);
+        Some(Action::Claim { limit, from, skip })
     }
 
     /// Confirms and failures waiting for their mark.
@@ -338,91 +537,40 @@ impl<S: Store> Leader<S> {
         self.sent.len() + self.failed.len()
     }
 
-    /// Marks what is waiting now, without waiting for a batch (a failed mark keeps them).
-    async fn mark_waiting(&mut self) {
-        if self.marks_waiting() > 0 {
-            let mark = self.mark();
-            self.done(mark.await);
+    /// The mark to start now, if any: a batch of confirms, or fewer once the window is idle
+    /// or the oldest has waited `MARK_DELAY`. One that changes what claims return waits for
+    /// the running claim.
+    fn next_mark(&mut self, now: Instant) -> Option<Action> {
+        if self.marking.is_some() || self.marks_waiting() == 0 || self.database_retry_at.is_some() {
+            return None;
         }
+        let idle = self.outstanding() == 0 && self.ready.is_empty();
+        let due = self.first_mark_at.is_some_and(|t| now >= t + MARK_DELAY);
+        let exclusive = !self.failed.is_empty() || self.released.is_some();
+        let batch = self.marks_waiting() >= self.config.batch_size;
+        ((batch || idle || due) && !(exclusive && self.claiming.is_some())).then(|| self.mark())
     }
 
     /// A mark of every confirm and failure waiting.
-    fn mark(&mut self) -> Operation {
-        let sent = std::mem::take(&mut self.sent);
-        let failed = std::mem::take(&mut self.failed);
-        let released = self.released.take();
-        self.exclusive_mark = !failed.is_empty() || released.is_some();
+    fn mark(&mut self) -> Action {
+        let marking = Marking {
+            sent: std::mem::take(&mut self.sent),
+            failed: std::mem::take(&mut self.failed),
+            released: self.released.take(),
+        };
         self.first_mark_at = None;
-        let store = self.store.clone();
-        let max_attempts = self.config.max_attempts;
-        Box::pin(async move {
-            let result = store.mark(&sent, &failed, max_attempts).await;
-            Done::Marked {
-                sent,
-                failed,
-                released,
-                result,
-            }
-        })
-    }
-
-    /// Takes in what a database operation came back with.
-    fn done(&mut self, done: Done) {
-        match done {
-            Done::Claimed { limit, rows } => match rows {
-                Ok(rows) => {
-                    self.health.set_database_ok(true);
-                    let full = rows.len() == limit;
-                    let last = rows.last().map(|r| r.id);
-                    for row in rows {
-                        self.take(row);
-                    }
-                    // Everything claimable from the floor up to here is now held.
-                    self.floor = match (full, last) {
-                        (true, Some(last)) => last + 1,
-                        _ => self.top + 1,
-                    };
-                    self.dirty = full;
-                }
-                Err(e) => self.database_failed(&e),
-            },
-            Done::Marked {
-                mut sent,
-                mut failed,
-                released,
-                result,
-            } => match result {
-                Ok(()) => {
-                    self.exclusive_mark = false;
-                    metrics::counter!(m::PUBLISHED).increment(sent.len() as u64);
-                    for id in sent.iter().chain(failed.iter().map(|f| &f.id)) {
-                        self.held.remove(id);
-                    }
-                    // Their failures are in the table now: the claims hold their keys back.
-                    self.failing
-                        .retain(|_, id| !failed.iter().any(|f| f.id == *id));
-                    if let Some(id) = released {
-                        self.floor = self.floor.min(id);
-                        self.dirty = true;
-                    }
-                }
-                Err(e) => {
-                    self.exclusive_mark = false;
-                    self.database_failed(&e);
-                    sent.append(&mut self.sent);
-                    failed.append(&mut self.failed);
-                    self.sent = sent;
-                    self.failed = failed;
-                    self.released = self.released.min(released).or(released);
-                    self.first_mark_at.get_or_insert_with(Instant::now);
-                }
-            },
-        }
+        let action = Action::Mark {
+            sent: marking.sent.clone(),
+            failed: marking.failed.clone(),
+        };
+        self.marking = Some(marking);
+        action
     }
 
     /// Holds a claimed row: ready if its key has nothing ahead, else behind its key's rows.
     fn take(&mut self, row: OutboxRow) {
         self.top = self.top.max(row.id);
+        let row = Arc::new(row);
         let Some(key) = &row.ordering_key else {
             self.held.insert(row.id);
             self.ready.push_back(row);
@@ -456,151 +604,45 @@ impl<S: Store> Leader<S> {
         }
     }
 
-    /// The earliest of the timers: the poll, a database retry, and while no mark runs, a
-    /// mark falling due.
-    fn wake_at(&self, marking: bool) -> Instant {
-        let mark = self
-            .first_mark_at
-            .map(|t| t + MARK_DELAY)
-            .filter(|_| !marking);
-        [mark, self.database_retry_at, Some(self.poll_at)]
-            .into_iter()
-            .flatten()
-            .min()
-            .expect("the poll is always set")
+    fn database_failed(&mut self, now: Instant) {
+        self.database_retry_at = Some(now + DATABASE_RETRY);
     }
+}
 
-    /// Without notifications, looks at the whole table every poll interval.
-    fn timers(&mut self) {
-        let now = Instant::now();
-        if now >= self.poll_at {
-            self.poll_at = now + self.config.poll_interval;
-            if !self.inserts.listening() {
-                self.floor = 0;
-                self.dirty = true;
-            }
+#[cfg(test)]
+impl Leader {
+    /// Panics unless every row is in one place at most, and only if held.
+    pub(crate) fn check_consistency(&self) {
+        let mut seen = HashSet::new();
+        let places = self
+            .ready
+            .iter()
+            .chain(self.keys.values().flatten())
+            .map(|r| r.id)
+            .chain(self.in_flight.keys().copied());
+        for id in places {
+            assert!(seen.insert(id), "row {id} is in two places at once");
+            assert!(self.held.contains(&id), "row {id} is handled but not held");
         }
     }
+}
 
-    /// Takes every outcome already reported.
-    fn collect(&mut self) {
-        while let Ok(outcome) = self.outcomes.try_recv() {
-            self.record(outcome);
-        }
-    }
-
-    /// Sorts one outcome: a confirm releases its key's next row; a failure of the row's own
-    /// making is marked and drops its key's rows held behind it; an interruption puts the row
-    /// back to be published first.
-    fn record(&mut self, Outcome { row, result }: Outcome) {
-        let error = match result {
-            Ok(()) => {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs_f64();
-                metrics::histogram!(m::PUBLISH_LATENCY).record((now - row.created_at).max(0.0));
-                self.first_mark_at.get_or_insert_with(Instant::now);
-                self.sent.push(row.id);
-                if row.attempts > 0 {
-                    self.released = Some(self.released.map_or(row.id, |r| r.min(row.id)));
-                }
-                if let Some(key) = &row.ordering_key {
-                    self.release_key(key);
-                }
-                return;
-            }
-            Err(error) => error,
-        };
-        metrics::counter!(m::PUBLISH_FAILURES, "reason" => error.reason()).increment(1);
-        let suspect = match error {
-            // A broker that is not blocking us confirms or nacks every publish: silence means
-            // the connection is gone, perhaps half-open.
-            PublishError::Timeout => self.health.blocked().is_none(),
-            // After a quorum queue's leader moves, a channel can keep being nacked while a new
-            // one is not (seen with RabbitMQ 3.10 when a cluster node stops).
-            PublishError::Nack => true,
-            _ => false,
-        };
-        if suspect && self.publisher.is_some() {
-            tracing::warn!(%error, "publishing on a new connection");
-            self.drop_publisher();
-        }
-        let not_the_rows_fault = matches!(error, PublishError::Connection(_))
-            || (error == PublishError::Timeout && self.health.blocked().is_some());
-        if not_the_rows_fault {
-            // No attempt is counted; its key stays taken, so it goes out first again.
-            tracing::debug!(message_id = %row.message_id, %error, "publish interrupted; will publish again");
-            self.ready.push_front(row);
-            return;
-        }
-        let attempt = row.attempts as u32 + 1;
-        let permanent = matches!(error, PublishError::BadRow(_));
-        let dead = permanent || attempt >= self.config.max_attempts;
-        tracing::warn!(
-            message_id = %row.message_id, exchange = %row.exchange, routing_key = %row.routing_key,
-            ordering_key = row.ordering_key.as_deref(), attempt, dead, %error, "publish failed"
-        );
-        if let Some(key) = &row.ordering_key {
-            for behind in self.keys.remove(key).into_iter().flatten() {
-                self.held.remove(&behind.id);
-            }
-            self.failing.insert(key.clone(), row.id);
-        }
-        self.first_mark_at.get_or_insert_with(Instant::now);
-        self.failed.push(Failure {
-            id: row.id,
-            error: error.to_string(),
-            retry_in: retry_delay(attempt, &self.config),
-            permanent,
-        });
-    }
-
-    fn database_failed(&mut self, e: &crate::Error) {
-        self.health.set_database_ok(false);
-        self.database_retry_at = Some(Instant::now() + DATABASE_RETRY);
-        tracing::warn!(error = %e, source = ?std::error::Error::source(e), "database unavailable: retrying");
-    }
-
-    /// Stops publishing; waits up to the grace period for outstanding confirms, marks them,
-    /// and names what it had to abandon (those rows stay pending and are published again).
-    async fn drain(mut self) {
-        let deadline = Instant::now() + self.config.shutdown_grace;
-        while self.outstanding() > 0 {
-            match tokio::time::timeout_at(deadline, self.outcomes.recv()).await {
-                Ok(Some(outcome)) => self.record(outcome),
-                _ => break,
-            }
-        }
-        self.collect();
-        let outstanding = self.outstanding();
-        self.mark_waiting().await;
-        if self.marks_waiting() > 0 {
-            tracing::warn!(
-                rows = self.marks_waiting(),
-                "could not record the last confirms: those rows will be published again"
-            );
-        }
-        if outstanding > 0 {
-            tracing::warn!(
-                rows = outstanding,
-                "stopped with publishes unconfirmed: those rows stay pending and will be published again"
-            );
-        }
-        if let Some((publisher, _)) = self.publisher.take() {
-            publisher.close().await;
-        }
-        self.health.set_broker_connected(false);
+impl Marking {
+    /// Changes what claims may return: a failure, or a retried row's success.
+    fn is_exclusive(&self) -> bool {
+        !self.failed.is_empty() || self.released.is_some()
     }
 }
 
 /// The delay before attempt `attempt + 1` of a failed row: exponential from
-/// `OUTBOX_BACKOFF_MIN`, jittered, never above `OUTBOX_BACKOFF_MAX`.
-fn retry_delay(attempt: u32, config: &RelayConfig) -> Duration {
+/// `OUTBOX_BACKOFF_MIN`, jittered (by a generator seeded with the row, so the same row and
+/// attempt always wait the same), never above `OUTBOX_BACKOFF_MAX`.
+fn retry_delay(attempt: u32, id: i64, config: &RelayConfig) -> Duration {
     ExponentialBuilder::default()
         .with_min_delay(config.backoff_min)
         .with_max_delay(config.backoff_max)
         .with_jitter()
+        .with_jitter_seed(id as u64 ^ u64::from(attempt).rotate_left(32))
         .without_max_times()
         .build()
         .nth(attempt.saturating_sub(1) as usize)

@@ -5,6 +5,7 @@
 //! every `OUTBOX_LEADER_CHECK`. A leader checks its lease as often and stops publishing the
 //! moment it is lost.
 
+mod driver;
 mod leader;
 
 use std::sync::Arc;
@@ -92,7 +93,7 @@ async fn lead<S: Store>(
             }
         }),
     ];
-    leader::Leader::new(store.clone(), config.clone(), health.clone(), inserts)
+    driver::Driver::new(store.clone(), config.clone(), health.clone(), inserts)
         .run(&stop)
         .await;
     if lost.is_cancelled() {

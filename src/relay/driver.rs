@@ -1,0 +1,231 @@
+//! The leader's I/O: runs what [`Leader`] asks for (claims, marks, broker connections,
+//! publishes) and feeds back what came of it. All decisions are the core's.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::leader::{Action, Leader};
+use crate::broker::{Nodes, Pipeline, Publisher, Report};
+use crate::config::RelayConfig;
+use crate::message::OutboxRow;
+use crate::store::{Inserts, Store};
+use crate::{Health, Result};
+
+/// How long closing a broker connection may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A database or broker operation in progress.
+type Running<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
+
+/// One leadership term's I/O.
+pub(super) struct Driver<S> {
+    /// The table.
+    store: S,
+    /// Knobs.
+    config: RelayConfig,
+    /// Shared state for gauges and `/readyz`.
+    health: Arc<Health>,
+    /// Committed rows, as the database reports them.
+    inserts: Arc<Inserts>,
+    /// The decisions.
+    core: Leader,
+    /// The broker's nodes, tried in turn (lent to a connection attempt while it runs).
+    nodes: Option<Nodes>,
+    /// Open connections and their publish tasks, by number.
+    publishers: HashMap<u64, (Arc<Publisher>, Pipeline)>,
+    /// Where publish tasks report.
+    reports_tx: mpsc::UnboundedSender<Report>,
+    /// Read by the loop.
+    reports: mpsc::UnboundedReceiver<Report>,
+    /// The claim running.
+    claim: Running<Result<Vec<OutboxRow>>>,
+    /// The mark running.
+    mark: Running<Result<()>>,
+    /// The connection attempt running, which hands the node list back.
+    connect: Running<(Nodes, Result<Arc<Publisher>, String>)>,
+}
+
+impl<S: Store> Driver<S> {
+    pub(super) fn new(
+        store: S,
+        config: RelayConfig,
+        health: Arc<Health>,
+        inserts: Arc<Inserts>,
+    ) -> Self {
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        Driver {
+            nodes: Some(Nodes::new(config.amqp_urls.clone())),
+            core: Leader::new(config.clone(), Instant::now().into_std()),
+            store,
+            config,
+            health,
+            inserts,
+            publishers: HashMap::new(),
+            reports_tx,
+            reports,
+            claim: None,
+            mark: None,
+            connect: None,
+        }
+    }
+
+    /// Publishes until `stop`, then drains within the grace period.
+    pub(super) async fn run(mut self, stop: &CancellationToken) {
+        let mut stopping = false;
+        loop {
+            self.core.set_listening(self.inserts.listening());
+            self.core.set_blocked(self.health.blocked().is_some());
+            let now = Instant::now().into_std();
+            while let Some(action) = self.core.poll_action(now) {
+                self.execute(action);
+            }
+            if self.core.is_finished() {
+                break;
+            }
+            let wake = self.core.poll_timeout().map(Instant::from_std);
+            tokio::select! {
+                rows = poll(&mut self.claim), if self.claim.is_some() => {
+                    self.claim = None;
+                    let rows = self.database(rows);
+                    self.core.claimed(Instant::now().into_std(), rows);
+                }
+                done = poll(&mut self.mark), if self.mark.is_some() => {
+                    self.mark = None;
+                    let ok = self.database(done).is_ok();
+                    self.core.marked(Instant::now().into_std(), ok);
+                }
+                (nodes, opened) = poll(&mut self.connect), if self.connect.is_some() => {
+                    self.connect = None;
+                    self.nodes = Some(nodes);
+                    self.connected(opened);
+                }
+                Some(report) = self.reports.recv() => self.report(report),
+                _ = self.inserts.notified() => {
+                    if let Some(from) = self.inserts.take() {
+                        self.core.committed(from);
+                    }
+                }
+                _ = self.health.broker_changed.notified() => {}
+                _ = sleep_until(wake) => self.core.handle_timeout(Instant::now().into_std()),
+                _ = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    self.core.stop(Instant::now().into_std());
+                }
+            }
+        }
+        for (publisher, _) in self.publishers.into_values() {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, publisher.close()).await;
+        }
+        self.health.set_broker_connected(false);
+    }
+
+    /// Starts what the core asks for.
+    fn execute(&mut self, action: Action) {
+        match action {
+            Action::Claim { limit, from, skip } => {
+                let store = self.store.clone();
+                self.claim = Some(Box::pin(
+                    async move { store.claim(limit, from, &skip).await },
+                ));
+            }
+            Action::Mark { sent, failed } => {
+                let store = self.store.clone();
+                let max_attempts = self.config.max_attempts;
+                self.mark = Some(Box::pin(async move {
+                    store.mark(&sent, &failed, max_attempts).await
+                }));
+            }
+            Action::Connect => {
+                let mut nodes = self.nodes.take().expect("one connection attempt at a time");
+                let (timeout, health) = (self.config.connect_timeout, self.health.clone());
+                self.connect = Some(Box::pin(async move {
+                    let opened = nodes.connect(timeout, &health).await;
+                    (nodes, opened)
+                }));
+            }
+            Action::Publish { conn, row } => {
+                if let Some((_, pipeline)) = self.publishers.get(&conn) {
+                    pipeline.publish(row);
+                }
+            }
+            Action::Retire { conn } => self.retire(conn),
+        }
+    }
+
+    /// A connection attempt came back.
+    fn connected(&mut self, opened: Result<Arc<Publisher>, String>) {
+        match opened {
+            Ok(publisher) => {
+                let conn = self.core.connected();
+                let pipeline = Pipeline::start(
+                    publisher.clone(),
+                    conn,
+                    self.config.app_id.clone(),
+                    self.config.confirm_timeout,
+                    self.reports_tx.clone(),
+                );
+                self.publishers.insert(conn, (publisher, pipeline));
+                self.health.set_blocked(None);
+                self.health.set_broker_connected(true);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "no broker node reachable: retrying");
+                self.core.connect_failed(Instant::now().into_std());
+            }
+        }
+    }
+
+    /// Forgets connection `conn`; its publish task ends once its publishes have settled, and
+    /// the connection is closed in the background.
+    fn retire(&mut self, conn: u64) {
+        if let Some((publisher, _)) = self.publishers.remove(&conn) {
+            tokio::spawn(
+                async move { tokio::time::timeout(CLOSE_TIMEOUT, publisher.close()).await },
+            );
+        }
+        self.health.set_broker_connected(false);
+        self.health.set_blocked(None);
+    }
+
+    fn report(&mut self, report: Report) {
+        let now = Instant::now().into_std();
+        match report {
+            Report::Outcome(outcome) => self.core.outcome(now, outcome),
+            Report::Lost { conn } => {
+                self.core.connection_lost(now, conn);
+                if !self.core.is_connected() {
+                    self.health.set_broker_connected(false);
+                    self.health.set_blocked(None);
+                }
+            }
+        }
+    }
+
+    /// Records whether the database answered; the error becomes the core's "failed".
+    fn database<T>(&self, result: Result<T>) -> Result<T, ()> {
+        self.health.set_database_ok(result.is_ok());
+        result.map_err(|e| {
+            tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "database unavailable: retrying");
+        })
+    }
+}
+
+/// The output of the operation in `slot` (which the caller checked is running).
+async fn poll<T>(slot: &mut Running<T>) -> T {
+    slot.as_mut().expect("checked").await
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
