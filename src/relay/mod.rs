@@ -7,6 +7,8 @@
 
 mod driver;
 mod leader;
+#[cfg(test)]
+mod model;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,774 @@
+//! A model test of the leader's core: random interleavings of claims, confirms, nacks,
+//! returns, confirm timeouts, reconnects (with late outcomes from old connections), late
+//! commits, failures, dead rows, `dead retry` and loss of leadership, against an in-memory
+//! table and broker that behave as PostgreSQL and lapin do. After every step the invariants
+//! are checked; at the end the world heals and every committed row must be sent or dead.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::leader::{Action, Leader};
+use crate::broker::{Confirm, Outcome, PublishError, Report, settle};
+use crate::config::RelayConfig;
+use crate::message::OutboxRow;
+use crate::store::Failure;
+
+const MAX_ATTEMPTS: u32 = 3;
+const KEYS: u8 = 3;
+
+fn config() -> RelayConfig {
+    RelayConfig {
+        batch_size: 2,
+        max_in_flight: 3,
+        poll_interval: Duration::from_secs(1),
+        max_attempts: MAX_ATTEMPTS,
+        backoff_min: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(1),
+        shutdown_grace: Duration::from_secs(5),
+        ..RelayConfig::new(vec!["amqp://model".into()])
+    }
+}
+
+/// One thing that happens in the world.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A service commits a row (or, if `late`, takes its id now and commits later).
+    Insert {
+        key: Option<u8>,
+        routable: bool,
+        late: bool,
+    },
+    /// The oldest late row of one key (or of no key) commits.
+    CommitLate(u8),
+    /// The leader's running claim (0), mark (1) or connection attempt (2) completes.
+    Complete { which: u8, ok: bool },
+    /// The broker takes the next `n` publishes of a connection, returns the unroutable
+    /// ones and acks them all with one multiple ack.
+    Process { conn: u8, n: u8 },
+    /// The broker nacks the next publish of a connection.
+    Nack { conn: u8 },
+    /// The publish task's confirm timeout drops the oldest waiting confirm of a connection.
+    Timeout { conn: u8 },
+    /// A connection dies.
+    Kill { conn: u8 },
+    /// Reports of publish tasks reach the leader.
+    Receive(u8),
+    /// A resource alarm starts or ends.
+    Block(bool),
+    /// Time passes.
+    Advance(u16),
+    /// The leader's lease check reads the table.
+    LeaseCheck,
+    /// An operator runs `outbox dead retry --all`.
+    DeadRetry,
+    /// Notifications: 0 arrive, 1 are silently lost, 2 are lost and the listener knows it.
+    Listener(u8),
+    /// The leader loses its lease; another relay becomes leader.
+    LoseLease,
+    /// The old leader (if any) makes progress.
+    Zombie(u8),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (proptest::option::of(0..KEYS), proptest::bool::weighted(0.85), proptest::bool::weighted(0.15))
+            .prop_map(|(key, routable, late)| Step::Insert { key, routable, late }),
+        2 => any::<u8>().prop_map(Step::CommitLate),
+        10 => (0..3u8, proptest::bool::weighted(0.85)).prop_map(|(which, ok)| Step::Complete { which, ok }),
+        8 => (any::<u8>(), 1..4u8).prop_map(|(conn, n)| Step::Process { conn, n }),
+        1 => any::<u8>().prop_map(|conn| Step::Nack { conn }),
+        1 => any::<u8>().prop_map(|conn| Step::Timeout { conn }),
+        1 => any::<u8>().prop_map(|conn| Step::Kill { conn }),
+        8 => (1..6u8).prop_map(Step::Receive),
+        1 => any::<bool>().prop_map(Step::Block),
+        3 => (1..3000u16).prop_map(Step::Advance),
+        2 => Just(Step::LeaseCheck),
+        1 => Just(Step::DeadRetry),
+        1 => (0..3u8).prop_map(Step::Listener),
+        1 => Just(Step::LoseLease),
+        2 => any::<u8>().prop_map(Step::Zombie),
+    ]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Pending,
+    Sent,
+    Dead,
+}
+
+/// A row of the outbox table.
+#[derive(Debug, Clone)]
+struct Row {
+    key: Option<String>,
+    routable: bool,
+    committed: bool,
+    state: State,
+    attempts: u32,
+    next_attempt_at: Instant,
+}
+
+/// The outbox table, with the semantics of the PostgreSQL store's statements.
+#[derive(Default)]
+struct Table {
+    rows: BTreeMap<i64, Row>,
+    /// Late rows not yet committed, oldest first, by key (a service serializes one key's
+    /// transactions, so a key's later rows commit after its earlier ones).
+    uncommitted: BTreeMap<Option<String>, VecDeque<i64>>,
+}
+
+impl Table {
+    fn claim(&self, now: Instant, limit: usize, from: i64, skip: &[i64]) -> Vec<OutboxRow> {
+        let blocks = |id: i64, key: &str| {
+            self.rows.range(..id).any(|(_, e)| {
+                e.committed
+                    && e.key.as_deref() == Some(key)
+                    && (e.state == State::Dead || (e.state == State::Pending && e.attempts > 0))
+            })
+        };
+        self.rows
+            .range(from..)
+            .filter(|(id, r)| {
+                r.committed
+                    && r.state == State::Pending
+                    && r.next_attempt_at <= now
+                    && !skip.contains(id)
+                    && r.key.as_deref().is_none_or(|k| !blocks(**id, k))
+            })
+            .take(limit)
+            .map(|(&id, r)| outbox_row(id, r))
+            .collect()
+    }
+
+    fn mark(&mut self, now: Instant, sent: &[i64], failed: &[Failure]) {
+        for id in sent {
+            self.rows.get_mut(id).expect("marked row exists").state = State::Sent;
+        }
+        for f in failed {
+            let row = self.rows.get_mut(&f.id).expect("failed row exists");
+            if row.state != State::Pending {
+                continue;
+            }
+            row.attempts += 1;
+            row.next_attempt_at = now + f.retry_in;
+            if f.permanent || row.attempts >= MAX_ATTEMPTS {
+                row.state = State::Dead;
+            }
+        }
+    }
+
+    fn retry_due(&self, now: Instant) -> bool {
+        self.rows
+            .values()
+            .any(|r| r.state == State::Pending && r.attempts > 0 && r.next_attempt_at <= now)
+    }
+}
+
+fn outbox_row(id: i64, r: &Row) -> OutboxRow {
+    OutboxRow {
+        id,
+        message_id: format!("m{id}"),
+        exchange: String::new(),
+        routing_key: if r.routable { "routed" } else { "nowhere" }.into(),
+        ordering_key: r.key.clone(),
+        message_type: None,
+        payload: "{}".into(),
+        headers: "{}".into(),
+        created_at: 0.0,
+        attempts: r.attempts as i32,
+    }
+}
+
+/// A publish at the broker, in delivery-tag order.
+struct Publish {
+    row: Arc<OutboxRow>,
+    /// Its confirm future is still polled by the publish task.
+    alive: bool,
+}
+
+/// One AMQP connection with its confirm channel, as lapin sees it.
+#[derive(Default)]
+struct Connection {
+    /// Publishes the broker has not settled yet.
+    unsettled: VecDeque<Publish>,
+    /// Returns waiting for the next ack, which carries them (lapin's `ReturnedMessages`).
+    waiting_returns: VecDeque<(String, String)>,
+    /// The publish task's map of returns by message id.
+    returned: HashMap<String, String>,
+    /// The leader asked to retire it.
+    retired: bool,
+    open: bool,
+}
+
+/// One relay's leadership term and the I/O the model runs for it.
+struct Node {
+    core: Leader,
+    /// The running claim's answer, read when it started.
+    claim: Option<Vec<OutboxRow>>,
+    /// The running mark.
+    mark: Option<(Vec<i64>, Vec<Failure>)>,
+    connecting: bool,
+    /// Reports of publish tasks not yet received.
+    reports: VecDeque<Report>,
+    /// Its connections, by number.
+    conns: BTreeMap<u64, Connection>,
+    /// The connection the core last opened.
+    current: Option<u64>,
+}
+
+impl Node {
+    fn new(now: Instant) -> Self {
+        Node {
+            core: Leader::new(config(), now),
+            claim: None,
+            mark: None,
+            connecting: false,
+            reports: VecDeque::new(),
+            conns: BTreeMap::new(),
+            current: None,
+        }
+    }
+
+    fn pick_conn(&self, pick: u8) -> Option<u64> {
+        let open: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.open)
+            .map(|(&n, _)| n)
+            .collect();
+        (!open.is_empty()).then(|| open[pick as usize % open.len()])
+    }
+}
+
+/// What the broker received, for the invariants.
+#[derive(Default)]
+struct Received {
+    /// Rows acked as routed at least once.
+    routed: HashSet<i64>,
+    /// Per key, the rows in the order of their first routed arrival.
+    first: HashMap<String, Vec<i64>>,
+    /// Failures the leader received that were the row's own doing.
+    own_faults: HashMap<i64, u32>,
+}
+
+struct World {
+    now: Instant,
+    table: Table,
+    leader: Node,
+    zombie: Option<Node>,
+    received: Received,
+    /// Notifications reach the leader.
+    notify: bool,
+    /// The listener knows it is connected.
+    listening: bool,
+    blocked: bool,
+}
+
+impl World {
+    fn new() -> Self {
+        let now = Instant::now();
+        World {
+            now,
+            table: Table::default(),
+            leader: Node::new(now),
+            zombie: None,
+            received: Received::default(),
+            notify: true,
+            listening: true,
+            blocked: false,
+        }
+    }
+
+    fn apply(&mut self, step: &Step) {
+        match *step {
+            Step::Insert {
+                key,
+                routable,
+                late,
+            } => self.insert(key.map(|k| format!("k{k}")), routable, late),
+            Step::CommitLate(pick) => {
+                let keys: Vec<_> = self.table.uncommitted.keys().cloned().collect();
+                if !keys.is_empty() {
+                    self.commit_late(&keys[pick as usize % keys.len()].clone());
+                }
+            }
+            Step::Complete { which, ok } => complete(
+                &mut self.leader,
+                &mut self.table,
+                &mut self.received,
+                self.now,
+                which,
+                ok,
+            ),
+            Step::Process { conn, n } => self.process(conn, n),
+            Step::Nack { conn } => self.nack(conn),
+            Step::Timeout { conn } => {
+                if let Some(n) = self.leader.pick_conn(conn) {
+                    timeout(&mut self.leader, n);
+                }
+            }
+            Step::Kill { conn } => {
+                if let Some(n) = self.leader.pick_conn(conn) {
+                    kill(&mut self.leader, n);
+                }
+            }
+            Step::Receive(n) => receive(
+                &mut self.leader,
+                &mut self.received,
+                self.now,
+                n,
+                self.blocked,
+            ),
+            Step::Block(blocked) => self.blocked = blocked,
+            Step::Advance(ms) => {
+                self.now += Duration::from_millis(ms.into());
+                self.leader.core.handle_timeout(self.now);
+            }
+            Step::LeaseCheck => {
+                if self.table.retry_due(self.now) {
+                    self.leader.core.committed(0);
+                }
+            }
+            Step::DeadRetry => self.dead_retry(),
+            Step::Listener(mode) => {
+                self.notify = mode == 0;
+                self.listening = mode != 2;
+            }
+            Step::LoseLease => self.lose_lease(),
+            Step::Zombie(n) => self.zombie_step(n),
+        }
+        self.run_actions();
+    }
+
+    fn insert(&mut self, key: Option<String>, routable: bool, late: bool) {
+        let id = self.table.rows.keys().next_back().map_or(1, |id| id + 1);
+        let waiting = self
+            .table
+            .uncommitted
+            .get(&key)
+            .is_some_and(|q| !q.is_empty());
+        self.table.rows.insert(
+            id,
+            Row {
+                key: key.clone(),
+                routable,
+                committed: false,
+                state: State::Pending,
+                attempts: 0,
+                next_attempt_at: self.now,
+            },
+        );
+        if late || (waiting && key.is_some()) {
+            self.table.uncommitted.entry(key).or_default().push_back(id);
+        } else {
+            self.commit(id);
+        }
+    }
+
+    fn commit_late(&mut self, key: &Option<String>) {
+        let queue = self.table.uncommitted.get_mut(key).expect("picked");
+        let id = queue.pop_front().expect("not empty");
+        if queue.is_empty() {
+            self.table.uncommitted.remove(key);
+        }
+        self.commit(id);
+    }
+
+    fn commit(&mut self, id: i64) {
+        let row = self.table.rows.get_mut(&id).expect("row");
+        row.committed = true;
+        row.next_attempt_at = self.now;
+        if self.notify {
+            self.leader.core.committed(id);
+        }
+    }
+
+    fn dead_retry(&mut self) {
+        for row in self.table.rows.values_mut() {
+            if row.state == State::Dead {
+                row.state = State::Pending;
+                row.attempts = 0;
+                row.next_attempt_at = self.now;
+            }
+        }
+        if self.notify {
+            self.leader.core.committed(0);
+        }
+    }
+
+    fn process(&mut self, pick: u8, n: u8) {
+        if let Some(conn) = self.leader.pick_conn(pick)
+            && !(self.blocked && Some(conn) == self.leader.current)
+        {
+            process(&mut self.leader, &mut self.received, conn, n);
+        }
+    }
+
+    fn nack(&mut self, pick: u8) {
+        let Some(conn) = self.leader.pick_conn(pick) else {
+            return;
+        };
+        let c = self.leader.conns.get_mut(&conn).expect("picked");
+        if let Some(p) = c.unsettled.pop_front() {
+            let carried = c.waiting_returns.pop_front();
+            if p.alive {
+                report(
+                    &mut self.leader,
+                    conn,
+                    vec![(p.row, Confirm::Nack(carried))],
+                );
+            }
+        }
+    }
+
+    fn lose_lease(&mut self) {
+        let mut old = std::mem::replace(&mut self.leader, Node::new(self.now));
+        old.core.stop(self.now);
+        self.zombie = Some(old);
+        self.blocked = false;
+    }
+
+    /// The old leader goes on for a while: its operations complete, its reports arrive.
+    fn zombie_step(&mut self, n: u8) {
+        let Some(zombie) = self.zombie.as_mut() else {
+            return;
+        };
+        complete(
+            zombie,
+            &mut self.table,
+            &mut self.received,
+            self.now,
+            n % 3,
+            true,
+        );
+        if let Some(conn) = zombie.pick_conn(n) {
+            process(zombie, &mut self.received, conn, n % 4);
+        }
+        receive(zombie, &mut self.received, self.now, n, false);
+        zombie.core.handle_timeout(self.now);
+        let _ = run_node(zombie, &self.table, self.now, false, true);
+    }
+
+    fn run_actions(&mut self) {
+        let spun = run_node(
+            &mut self.leader,
+            &self.table,
+            self.now,
+            self.blocked,
+            self.listening,
+        );
+        assert!(
+            !spun,
+            "the leader would spin: its next timer is already due"
+        );
+        check(&self.leader);
+    }
+
+    /// Lets everything heal and settle; then every committed row is sent or dead.
+    fn heal(&mut self) {
+        self.notify = true;
+        self.listening = true;
+        self.blocked = false;
+        while !self.table.uncommitted.is_empty() {
+            let key = self.table.uncommitted.keys().next().cloned().expect("some");
+            self.commit_late(&key);
+        }
+        for _ in 0..400 {
+            for which in 0..3 {
+                complete(
+                    &mut self.leader,
+                    &mut self.table,
+                    &mut self.received,
+                    self.now,
+                    which,
+                    true,
+                );
+            }
+            let conns: Vec<u64> = self.leader.conns.keys().copied().collect();
+            for conn in conns {
+                if self.leader.conns[&conn].retired {
+                    kill(&mut self.leader, conn);
+                }
+            }
+            for pick in 0..4 {
+                self.process(pick, 8);
+            }
+            receive(
+                &mut self.leader,
+                &mut self.received,
+                self.now,
+                u8::MAX,
+                self.blocked,
+            );
+            self.zombie_step(0);
+            self.zombie_step(1);
+            self.now += Duration::from_millis(300);
+            self.leader.core.handle_timeout(self.now);
+            if self.table.retry_due(self.now) {
+                self.leader.core.committed(0);
+            }
+            self.run_actions();
+        }
+        let stuck: Vec<i64> = self
+            .table
+            .rows
+            .iter()
+            .filter(|(_, r)| r.state == State::Pending)
+            .map(|(&id, _)| id)
+            .collect();
+        assert!(stuck.is_empty(), "rows never sent nor dead: {stuck:?}");
+    }
+}
+
+/// Runs the node's actions until it has none; says whether it would then spin (its next
+/// timer already due with nothing to do).
+fn run_node(node: &mut Node, table: &Table, now: Instant, blocked: bool, listening: bool) -> bool {
+    for round in 0..2 {
+        node.core.set_blocked(blocked);
+        node.core.set_listening(listening);
+        while let Some(action) = node.core.poll_action(now) {
+            execute(node, table, action, now);
+        }
+        match node.core.poll_timeout() {
+            Some(at) if at <= now && round == 0 => node.core.handle_timeout(now),
+            Some(at) if at <= now => return true,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Starts what the core asks for; a claim reads the table now.
+fn execute(node: &mut Node, table: &Table, action: Action, now: Instant) {
+    match action {
+        Action::Claim { limit, from, skip } => {
+            node.claim = Some(table.claim(now, limit, from, &skip));
+        }
+        Action::Mark { sent, failed } => node.mark = Some((sent, failed)),
+        Action::Connect => node.connecting = true,
+        Action::Publish { conn, row } => {
+            let twice = node
+                .conns
+                .values()
+                .flat_map(|c| &c.unsettled)
+                .any(|p| p.alive && p.row.id == row.id);
+            assert!(
+                !twice,
+                "row {} published while its last publish awaits a confirm",
+                row.id
+            );
+            let c = node
+                .conns
+                .get_mut(&conn)
+                .expect("published on a connection");
+            if c.open {
+                c.unsettled.push_back(Publish { row, alive: true });
+            } else {
+                let outcome = Outcome {
+                    conn,
+                    id: row.id,
+                    result: Err(PublishError::Connection("closed".into())),
+                };
+                node.reports.push_back(Report::Outcome(outcome));
+            }
+        }
+        Action::Retire { conn } => {
+            if let Some(c) = node.conns.get_mut(&conn) {
+                c.retired = true;
+            }
+        }
+    }
+}
+
+/// Completes the node's running claim (0), mark (1) or connection attempt (2).
+fn complete(
+    node: &mut Node,
+    table: &mut Table,
+    received: &mut Received,
+    now: Instant,
+    which: u8,
+    ok: bool,
+) {
+    match which {
+        0 => {
+            if let Some(rows) = node.claim.take() {
+                node.core.claimed(now, if ok { Ok(rows) } else { Err(()) });
+            }
+        }
+        1 => {
+            if let Some((sent, failed)) = node.mark.take() {
+                if ok {
+                    check_mark(table, received, &sent, &failed);
+                    table.mark(now, &sent, &failed);
+                }
+                node.core.marked(now, ok);
+            }
+        }
+        _ => {
+            if std::mem::take(&mut node.connecting) {
+                if ok {
+                    let conn = node.core.connected();
+                    node.conns.insert(
+                        conn,
+                        Connection {
+                            open: true,
+                            ..Default::default()
+                        },
+                    );
+                    node.current = Some(conn);
+                } else {
+                    node.core.connect_failed(now);
+                }
+            }
+        }
+    }
+}
+
+/// A mark must record only what the broker said: sent rows were acked as routed, and no
+/// row is charged more attempts than the failures that were its own doing.
+fn check_mark(table: &Table, received: &Received, sent: &[i64], failed: &[Failure]) {
+    for id in sent {
+        assert!(
+            received.routed.contains(id),
+            "row {id} marked sent without a routed ack"
+        );
+    }
+    for f in failed {
+        let charged = table.rows[&f.id].attempts + 1;
+        let own = received.own_faults.get(&f.id).copied().unwrap_or(0);
+        assert!(
+            charged <= own || table.rows[&f.id].state != State::Pending,
+            "row {} charged attempt {charged} with {own} failures of its own",
+            f.id
+        );
+    }
+}
+
+/// The broker settles the next `n` publishes of a connection: the unroutable ones are
+/// returned, then one multiple ack covers them all. lapin hands each waiting return to the
+/// next ack it processes, whether or not that confirm is still awaited.
+fn process(node: &mut Node, received: &mut Received, conn: u64, n: u8) {
+    let c = node.conns.get_mut(&conn).expect("picked");
+    let taken: Vec<Publish> = (0..n).map_while(|_| c.unsettled.pop_front()).collect();
+    for p in &taken {
+        if p.row.routing_key != "routed" {
+            c.waiting_returns
+                .push_back((p.row.message_id.clone(), "NO_ROUTE".into()));
+        } else if received.routed.insert(p.row.id)
+            && let Some(key) = &p.row.ordering_key
+        {
+            let first = received.first.entry(key.clone()).or_default();
+            assert!(
+                first.last().is_none_or(|&last| last < p.row.id),
+                "key {key}: row {} first arrived after row {:?}",
+                p.row.id,
+                first.last()
+            );
+            first.push(p.row.id);
+        }
+    }
+    let mut ready = Vec::new();
+    for p in taken {
+        let carried = c.waiting_returns.pop_front();
+        if p.alive {
+            ready.push((p.row, Confirm::Ack(carried)));
+        }
+    }
+    report(node, conn, ready);
+}
+
+/// The publish task's confirm timeout drops the oldest confirm it awaits.
+fn timeout(node: &mut Node, conn: u64) {
+    let c = node.conns.get_mut(&conn).expect("picked");
+    if let Some(p) = c.unsettled.iter_mut().find(|p| p.alive) {
+        p.alive = false;
+        let outcome = Outcome {
+            conn,
+            id: p.row.id,
+            result: Err(PublishError::Timeout),
+        };
+        node.reports.push_back(Report::Outcome(outcome));
+    }
+}
+
+/// A connection dies: every confirm awaited fails, then the loss is reported.
+fn kill(node: &mut Node, conn: u64) {
+    let c = node.conns.get_mut(&conn).expect("picked");
+    if !c.open {
+        return;
+    }
+    c.open = false;
+    for p in c.unsettled.drain(..).filter(|p| p.alive) {
+        let outcome = Outcome {
+            conn,
+            id: p.row.id,
+            result: Err(PublishError::Connection("killed".into())),
+        };
+        node.reports.push_back(Report::Outcome(outcome));
+    }
+    node.reports.push_back(Report::Lost { conn });
+}
+
+/// The publish task settles what is ready, as the real one does.
+fn report(node: &mut Node, conn: u64, ready: Vec<(Arc<OutboxRow>, Confirm)>) {
+    let c = node.conns.get_mut(&conn).expect("reporting connection");
+    for outcome in settle(conn, ready, &mut c.returned) {
+        node.reports.push_back(Report::Outcome(outcome));
+    }
+}
+
+/// Up to `n` reports reach the core.
+fn receive(node: &mut Node, received: &mut Received, now: Instant, n: u8, blocked: bool) {
+    for _ in 0..n {
+        let Some(report) = node.reports.pop_front() else {
+            return;
+        };
+        match report {
+            Report::Outcome(outcome) => {
+                let own = match &outcome.result {
+                    Err(
+                        PublishError::Unroutable(_)
+                        | PublishError::Rejected(_)
+                        | PublishError::BadRow(_),
+                    ) => true,
+                    Err(PublishError::Nack) => node.current == Some(outcome.conn),
+                    Err(PublishError::Timeout) => node.current == Some(outcome.conn) && !blocked,
+                    _ => false,
+                };
+                if own {
+                    *received.own_faults.entry(outcome.id).or_default() += 1;
+                }
+                node.core.outcome(now, outcome);
+            }
+            Report::Lost { conn } => node.core.connection_lost(now, conn),
+        }
+    }
+}
+
+/// The core's own bookkeeping is consistent and within its bounds.
+fn check(node: &Node) {
+    assert!(
+        node.core.outstanding() <= config().max_in_flight,
+        "{} unconfirmed publishes, window {}",
+        node.core.outstanding(),
+        config().max_in_flight
+    );
+    node.core.check_consistency();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, max_shrink_iters: 20000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_leader_keeps_its_promises(steps in proptest::collection::vec(step(), 1..120)) {
+        let mut world = World::new();
+        world.run_actions();
+        for step in &steps {
+            world.apply(step);
+        }
+        world.heal();
+    }
+}
