@@ -843,10 +843,7 @@ async fn live_latency(
 
     let store = outbox::store::postgres::PgStore::connect_lazy(
         &db.url,
-        outbox::StoreOptions {
-            table: Default::default(),
-            retention: Duration::ZERO,
-        },
+        outbox::StoreOptions::new(Default::default()),
     )?;
     let mut config = outbox::config::RelayConfig::new(vec![amqp.to_owned()]);
     config.http_addr = None;
@@ -1052,10 +1049,7 @@ impl BenchDb {
         let pool = PgPool::connect(&url).await?;
         let store = outbox::store::postgres::PgStore::new(
             pool.clone(),
-            outbox::StoreOptions {
-                table: Default::default(),
-                retention: Duration::ZERO,
-            },
+            outbox::StoreOptions::new(Default::default()),
         );
         outbox::Store::migrate(&store).await?;
         Ok(BenchDb {

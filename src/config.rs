@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::TableName;
+use crate::{StoreOptions, TableName};
 
 /// Everything the sidecar is configured with.
 #[derive(Debug, Clone)]
@@ -22,6 +22,9 @@ pub struct Config {
     /// `OUTBOX_DEDUP_WINDOW`: how long the consumers' inboxes remember message ids (default
     /// 7 days); `outbox dead retry` refuses older rows without `--force`.
     pub dedup_window: Duration,
+    /// `OUTBOX_QUERY_TIMEOUT`: one database statement at most, waiting for a pooled
+    /// connection included (default 10s).
+    pub query_timeout: Duration,
     /// The relay's own settings.
     pub relay: RelayConfig,
 }
@@ -44,7 +47,7 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// `OUTBOX_CONFIRM_TIMEOUT`: a publish with no confirm by then is retried (default 30s).
     pub confirm_timeout: Duration,
-    /// `OUTBOX_CONNECT_TIMEOUT`: one broker connection attempt at most (default 10s).
+    /// `OUTBOX_CONNECT_TIMEOUT`: one broker or database connection attempt at most (default 10s).
     pub connect_timeout: Duration,
     /// `OUTBOX_BACKOFF_MIN`: first retry delay of a failed row (default 1s).
     pub backoff_min: Duration,
@@ -56,6 +59,10 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// `OUTBOX_LEADER_CHECK`: how often a standby tries to lead and a leader checks its lock (default 1s).
     pub leader_check: Duration,
+    /// `OUTBOX_LEASE_TIMEOUT`: the database ends the leader's lease session after this long
+    /// without a word from it, so a leader whose host vanished loses the table within it;
+    /// the leader stops publishing at half of it without an answer (default 10s).
+    pub lease_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -76,7 +83,14 @@ impl RelayConfig {
             max_attempts: 10,
             shutdown_grace: Duration::from_secs(10),
             leader_check: Duration::from_secs(1),
+            lease_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// How often the leader looks at the table (and so proves its lease): every leader
+    /// check, and at least every poll interval.
+    pub fn look_interval(&self) -> Duration {
+        self.leader_check.min(self.poll_interval)
     }
 }
 
@@ -101,6 +115,7 @@ impl Config {
         });
         let retention = r.duration("OUTBOX_RETENTION", Duration::ZERO);
         let dedup_window = r.duration("OUTBOX_DEDUP_WINDOW", Duration::from_secs(7 * 24 * 3600));
+        let query_timeout = r.duration("OUTBOX_QUERY_TIMEOUT", Duration::from_secs(10));
         let d = RelayConfig::new(Vec::new());
         let relay = RelayConfig {
             amqp_urls: r.amqp_urls(needs_broker),
@@ -123,16 +138,24 @@ impl Config {
             max_attempts: r.positive("OUTBOX_MAX_ATTEMPTS", d.max_attempts),
             shutdown_grace: r.duration("OUTBOX_SHUTDOWN_GRACE", d.shutdown_grace),
             leader_check: r.duration("OUTBOX_LEADER_CHECK", d.leader_check),
+            lease_timeout: r.duration("OUTBOX_LEASE_TIMEOUT", d.lease_timeout),
         };
         for (name, d) in [
             ("OUTBOX_POLL_INTERVAL", relay.poll_interval),
             ("OUTBOX_CONFIRM_TIMEOUT", relay.confirm_timeout),
             ("OUTBOX_CONNECT_TIMEOUT", relay.connect_timeout),
             ("OUTBOX_LEADER_CHECK", relay.leader_check),
+            ("OUTBOX_QUERY_TIMEOUT", query_timeout),
         ] {
             if d.is_zero() {
                 r.errors.push(format!("{name}: must be greater than zero"));
             }
+        }
+        if relay.lease_timeout < 3 * relay.look_interval() {
+            r.errors.push(
+                "OUTBOX_LEASE_TIMEOUT: must be at least three times OUTBOX_LEADER_CHECK and OUTBOX_POLL_INTERVAL (the smaller of them)"
+                    .into(),
+            );
         }
         if relay.backoff_min > relay.backoff_max {
             r.errors
@@ -144,9 +167,23 @@ impl Config {
                 table,
                 retention,
                 dedup_window,
+                query_timeout,
                 relay,
             }),
             false => Err(r.errors),
+        }
+    }
+}
+
+impl Config {
+    /// How the store treats the table.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            retention: self.retention,
+            query_timeout: self.query_timeout,
+            connect_timeout: self.relay.connect_timeout,
+            lease_timeout: self.relay.lease_timeout,
+            ..StoreOptions::new(self.table.clone())
         }
     }
 }

@@ -23,6 +23,12 @@ pub enum Error {
     /// A message could not be encoded.
     #[error("message could not be encoded")]
     Json(#[source] serde_json::Error),
+    /// The database did not answer in time.
+    #[error("no answer from the database within {0:?}")]
+    Timeout(std::time::Duration),
+    /// Another relay has led the table since this one's term began: its marks change nothing.
+    #[error("this relay no longer leads the table")]
+    LeaseLost,
 }
 
 impl Error {
@@ -33,8 +39,11 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Database(e) => is_retryable_db(e),
-            Error::Broker(_) => true,
-            Error::InvalidTable(_) | Error::UnsupportedDatabase(_) | Error::Json(_) => false,
+            Error::Broker(_) | Error::Timeout(_) => true,
+            Error::InvalidTable(_)
+            | Error::UnsupportedDatabase(_)
+            | Error::Json(_)
+            | Error::LeaseLost => false,
         }
     }
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::metrics as m;
-use crate::store::Stats;
+use crate::store::{Lookout, Stats};
 
 /// What the relay knows about itself right now. Every setter keeps its gauge in step.
 #[derive(Debug, Default)]
@@ -22,6 +22,8 @@ pub struct Health {
     leader: AtomicBool,
     /// The last figures read from the table.
     stats: Mutex<Stats>,
+    /// The leader's last look saw pending rows (their count is then read separately).
+    pending_seen: AtomicBool,
     /// Signalled when the broker becomes blocked or unblocked, so waits end at once.
     pub(crate) broker_changed: Notify,
 }
@@ -98,6 +100,25 @@ impl Health {
         metrics::gauge!(m::OLDEST_PENDING_AGE).set(stats.oldest_pending_age_seconds);
         metrics::gauge!(m::DEAD).set(stats.dead as f64);
         *self.stats.lock().expect("health lock") = stats;
+    }
+
+    /// Records what the leader's look saw: every figure but the pending count, which is
+    /// known only when nothing is pending.
+    pub fn set_lookout(&self, lookout: &Lookout) {
+        let pending_seen = lookout.last_pending.is_some();
+        self.pending_seen.store(pending_seen, Ordering::Relaxed);
+        let mut stats = self.stats.lock().expect("health lock").clone();
+        if !pending_seen {
+            stats.pending = 0;
+        }
+        stats.oldest_pending_age_seconds = lookout.oldest_pending_age_seconds;
+        stats.dead = lookout.dead;
+        self.set_stats(stats);
+    }
+
+    /// Whether the leader's last look saw pending rows.
+    pub fn pending_seen(&self) -> bool {
+        self.pending_seen.load(Ordering::Relaxed)
     }
 
     /// The state as `/readyz` judges it.

@@ -103,6 +103,9 @@ pub struct OutboxRow {
     pub created_at: f64,
     /// Failed attempts before this one.
     pub attempts: i32,
+    /// The pending row just before it on its ordering key, if any: the leader publishes this
+    /// row only after that one.
+    pub previous: Option<i64>,
 }
 
 /// A validated table name: a plain SQL identifier, short enough for derived names.

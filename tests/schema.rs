@@ -29,6 +29,7 @@ async fn migrate_twice_changes_nothing_and_keeps_its_own_history_table() {
         [
             "billing_outbox",
             "billing_outbox_inbox",
+            "billing_outbox_leader",
             "billing_outbox_schema_history"
         ]
     );
@@ -36,7 +37,7 @@ async fn migrate_twice_changes_nothing_and_keeps_its_own_history_table() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(history, 3);
+    assert_eq!(history, 4);
     // A second outbox table in the same database gets its own objects and history.
     let second = outbox_bin()
         .arg("migrate")

@@ -228,8 +228,8 @@ async fn prepare_database(url: &str, schema: &'static str, tables: &str) -> anyh
 /// Sent rows are kept an hour, so the chaos can publish some of them a second time.
 fn store_options() -> StoreOptions {
     StoreOptions {
-        table: Default::default(),
         retention: Duration::from_secs(3600),
+        ..StoreOptions::new(Default::default())
     }
 }
 

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use outbox::config::{Config, redact};
 use outbox::store::postgres::PgStore;
-use outbox::{Health, Store, StoreOptions};
+use outbox::{Health, Store};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -114,10 +114,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
-    let opts = StoreOptions {
-        table: config.table.clone(),
-        retention: config.retention,
-    };
+    let opts = config.store_options();
     let scheme = config.database_url.split("://").next().unwrap_or_default();
     match scheme {
         "postgres" | "postgresql" => {

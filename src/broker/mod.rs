@@ -18,9 +18,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareO
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 
-use crate::Health;
 use crate::message::OutboxRow;
 
 /// Heartbeat asked for when the URL sets none: a dead peer is noticed within ~20 s.
@@ -95,17 +94,13 @@ impl Nodes {
 
     /// Tries every node once, starting with the one after the last connected; returns the
     /// first publisher that opens.
-    pub async fn connect(
-        &mut self,
-        timeout: Duration,
-        health: &Arc<Health>,
-    ) -> Result<Arc<Publisher>, String> {
+    pub async fn connect(&mut self, timeout: Duration) -> Result<Arc<Publisher>, String> {
         let mut last_error = String::new();
         for _ in 0..self.urls.len() {
             let at = self.next;
             self.next = (at + 1) % self.urls.len();
             let url = &self.urls[at];
-            match tokio::time::timeout(timeout, Publisher::open(url, health.clone())).await {
+            match tokio::time::timeout(timeout, Publisher::open(url)).await {
                 Ok(Ok(publisher)) => {
                     tracing::info!(node = %crate::config::redact(url), "connected to the broker");
                     return Ok(publisher);
@@ -160,13 +155,15 @@ pub struct Publisher {
     check: Mutex<Option<Channel>>,
     /// Exchanges known to exist on this connection.
     known_exchanges: std::sync::Mutex<HashSet<String>>,
+    /// The broker's reason for blocking this connection (`None` = not blocked).
+    blocked: watch::Receiver<Option<String>>,
 }
 
 impl Publisher {
-    async fn open(url: &str, health: Arc<Health>) -> Result<Arc<Self>, lapin::Error> {
+    async fn open(url: &str) -> Result<Arc<Self>, lapin::Error> {
         let conn = connect(url).await?;
-        let events = conn.events_listener();
-        tokio::spawn(watch_events(events, health));
+        let (blocked_tx, blocked) = watch::channel(None);
+        tokio::spawn(watch_events(conn.events_listener(), blocked_tx));
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -176,7 +173,13 @@ impl Publisher {
             channel,
             check: Mutex::new(None),
             known_exchanges: Default::default(),
+            blocked,
         }))
+    }
+
+    /// Follows the broker's blocking of this connection: its reason, or `None`.
+    pub fn blocked(&self) -> watch::Receiver<Option<String>> {
+        self.blocked.clone()
     }
 
     /// The AMQP connection.
@@ -194,7 +197,8 @@ impl Publisher {
         let _ = self.conn.close(200, "outbox relay stopping".into()).await;
     }
 
-    /// Publishes `row` as the contract maps it and waits for its confirm up to `timeout`.
+    /// Publishes `row` as the contract maps it and waits for its confirm. Unbounded: the
+    /// [`Pipeline`] gives up the whole connection when a confirm is late.
     ///
     /// A returned message rides on the confirmation, but lapin attaches it to whichever
     /// confirm completes next, not necessarily this row's: [`Pipeline`] matches returns to
@@ -203,7 +207,6 @@ impl Publisher {
         &self,
         row: &OutboxRow,
         app_id: Option<&str>,
-        timeout: Duration,
     ) -> Result<Confirmation, PublishError> {
         let props = properties::properties(row, app_id).map_err(PublishError::BadRow)?;
         self.check_exchange(&row.exchange).await?;
@@ -223,11 +226,9 @@ impl Publisher {
                 .await?
                 .await
         };
-        match tokio::time::timeout(timeout, confirm).await {
-            Err(_) => Err(PublishError::Timeout),
-            Ok(Err(e)) => Err(PublishError::Connection(e.to_string())),
-            Ok(Ok(confirmation)) => Ok(confirmation),
-        }
+        confirm
+            .await
+            .map_err(|e| PublishError::Connection(e.to_string()))
     }
 
     /// Publishing to a missing exchange would close the shared channel and fail every row in
@@ -288,20 +289,21 @@ impl Publisher {
     }
 }
 
-/// Mirrors the connection's blocked/unblocked events into `health` until it closes.
+/// Follows the connection's blocked/unblocked events until it closes.
 async fn watch_events(
     events: impl futures_util::Stream<Item = Event> + Send + 'static,
-    health: Arc<Health>,
+    blocked: watch::Sender<Option<String>>,
 ) {
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
         match event {
-            Event::ConnectionBlocked(reason) => health.set_blocked(Some(reason)),
-            Event::ConnectionUnblocked => health.set_blocked(None),
-            Event::Error(e) => {
-                tracing::warn!(error = %e, "broker connection error");
-                health.broker_changed.notify_waiters();
+            Event::ConnectionBlocked(reason) => {
+                blocked.send_replace(Some(reason));
             }
+            Event::ConnectionUnblocked => {
+                blocked.send_replace(None);
+            }
+            Event::Error(e) => tracing::warn!(error = %e, "broker connection error"),
             _ => {}
         }
     }

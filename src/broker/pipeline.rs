@@ -8,7 +8,7 @@
 //! message's return before its ack, so its carrier completes no later than the message's own
 //! confirm; settling every confirm that is ready at once, returns first, sees it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::Confirmation;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::{PublishError, Publisher, closed};
 use crate::message::OutboxRow;
@@ -25,10 +26,15 @@ use crate::message::OutboxRow;
 pub enum Report {
     /// What became of one published row.
     Outcome(Outcome),
-    /// Connection `conn` is no longer open.
+    /// Connection `conn` was given up: it closed or failed, or a confirm did not come in
+    /// time while the broker was not blocking it. The task has dropped every confirm it
+    /// awaited and reports nothing more: never trust a channel one of whose confirms was
+    /// dropped, as a return riding on it would be lost and its message taken as routed.
     Lost {
         /// The connection.
         conn: u64,
+        /// Why: [`PublishError::Timeout`] or [`PublishError::Connection`].
+        reason: PublishError,
     },
 }
 
@@ -43,15 +49,19 @@ pub struct Outcome {
     pub result: Result<(), PublishError>,
 }
 
-/// The sending side of a connection's publish task; dropping it lets the task finish what
-/// is in flight and end.
+/// The handle of a connection's publish task; dropping it stops the task at once, dropping
+/// whatever it awaits (nothing it would report is trusted after that).
 pub struct Pipeline {
     /// Rows to publish.
     jobs: mpsc::UnboundedSender<Arc<OutboxRow>>,
+    /// The task, aborted on drop.
+    task: tokio::task::AbortHandle,
 }
 
 impl Pipeline {
-    /// Starts the publish task of connection `conn`; what becomes of its rows goes to `reports`.
+    /// Starts the publish task of connection `conn`; what becomes of its rows goes to
+    /// `reports`. A confirm that has not come `timeout` after its publish (not counting
+    /// time the broker blocked the connection) gives the connection up.
     pub fn start(
         publisher: Arc<Publisher>,
         conn: u64,
@@ -67,14 +77,20 @@ impl Pipeline {
             timeout,
             reports,
         };
-        tokio::spawn(task.run(rx));
-        Pipeline { jobs }
+        let task = tokio::spawn(task.run(rx)).abort_handle();
+        Pipeline { jobs, task }
     }
 
     /// Queues `row` for publishing.
     pub fn publish(&self, row: Arc<OutboxRow>) {
-        // The task ends only after this sender is dropped.
+        // After a loss the task is gone and the row was reported with the connection.
         let _ = self.jobs.send(row);
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -86,46 +102,98 @@ struct Task {
     conn: u64,
     /// The AMQP `app_id` property.
     app_id: Option<Arc<str>>,
-    /// How long a confirm may take.
+    /// How long a confirm may take while the broker does not block the connection.
     timeout: Duration,
     /// Where outcomes go.
     reports: mpsc::UnboundedSender<Report>,
 }
 
+/// The publishes awaiting their confirm, in the order they were sent.
+type Sent = BTreeMap<u64, Instant>;
+
 impl Task {
     async fn run(self, mut jobs: mpsc::UnboundedReceiver<Arc<OutboxRow>>) {
         let mut in_flight = FuturesUnordered::new();
+        let mut sent = Sent::new();
         let mut returned = HashMap::new();
-        let mut open = true;
-        let mut lost = std::pin::pin!(closed(self.publisher.connection()));
-        let mut reported_lost = false;
-        while open || !in_flight.is_empty() {
+        let mut blocked = self.publisher.blocked();
+        let mut unblocked_at = Instant::now();
+        let lost = closed(self.publisher.connection());
+        tokio::pin!(lost);
+        let reason = loop {
+            let deadline = match blocked.borrow().is_some() {
+                true => None,
+                false => sent
+                    .values()
+                    .next()
+                    .map(|&at| at.max(unblocked_at) + self.timeout),
+            };
             tokio::select! {
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                     let mut ready = vec![done];
                     while let Some(Some(more)) = in_flight.next().now_or_never() {
                         ready.push(more);
                     }
-                    for outcome in settle(self.conn, ready, &mut returned) {
-                        let _ = self.reports.send(Report::Outcome(outcome));
+                    if let Some(reason) = self.settle(ready, &mut sent, &mut returned) {
+                        break reason;
                     }
                 }
-                job = jobs.recv(), if open => match job {
+                job = jobs.recv() => match job {
                     Some(row) => {
-                        let (publisher, app_id, timeout) = (self.publisher.clone(), self.app_id.clone(), self.timeout);
+                        let seq = sent.last_key_value().map_or(0, |(&s, _)| s + 1);
+                        sent.insert(seq, Instant::now());
+                        let (publisher, app_id) = (self.publisher.clone(), self.app_id.clone());
                         in_flight.push(async move {
-                            let confirm = publisher.publish(&row, app_id.as_deref(), timeout).await;
-                            (row, Confirm::from(confirm))
+                            let confirm = publisher.publish(&row, app_id.as_deref()).await;
+                            (seq, row, Confirm::from(confirm))
                         });
                     }
-                    None => open = false,
+                    None => return,
                 },
-                _ = &mut lost, if !reported_lost => {
-                    reported_lost = true;
-                    let _ = self.reports.send(Report::Lost { conn: self.conn });
+                Ok(()) = blocked.changed() => {
+                    if blocked.borrow().is_none() {
+                        unblocked_at = Instant::now();
+                    }
                 }
+                _ = &mut lost => break PublishError::Connection("connection closed".into()),
+                _ = sleep_until(deadline) => break PublishError::Timeout,
+            }
+        };
+        let _ = self.reports.send(Report::Lost {
+            conn: self.conn,
+            reason,
+        });
+    }
+
+    /// Reports the verdicts of the confirms that are ready; returns the connection's
+    /// failure if one of them shows it.
+    fn settle(
+        &self,
+        ready: Vec<(u64, Arc<OutboxRow>, Confirm)>,
+        sent: &mut Sent,
+        returned: &mut HashMap<String, String>,
+    ) -> Option<PublishError> {
+        let mut failure = None;
+        let mut verdicts = Vec::with_capacity(ready.len());
+        for (seq, row, confirm) in ready {
+            sent.remove(&seq);
+            match confirm {
+                Confirm::Failed(e @ PublishError::Connection(_)) => failure = Some(e),
+                confirm => verdicts.push((row, confirm)),
             }
         }
+        for outcome in settle(self.conn, verdicts, returned) {
+            let _ = self.reports.send(Report::Outcome(outcome));
+        }
+        failure
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +15,7 @@ use super::leader::{Action, Leader};
 use crate::broker::{Nodes, Pipeline, Publisher, Report};
 use crate::config::RelayConfig;
 use crate::message::OutboxRow;
-use crate::store::{Inserts, Store};
+use crate::store::{Inserts, Lease, Lookout, Store};
 use crate::{Health, Result};
 
 /// How long closing a broker connection may take.
@@ -25,9 +25,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 type Running<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
 
 /// One leadership term's I/O.
-pub(super) struct Driver<S> {
+pub(super) struct Driver<S: Store> {
     /// The table.
     store: S,
+    /// The connection that holds leadership (lent to a look while it runs).
+    lease: Option<S::Lease>,
+    /// The term: every mark carries it.
+    term: i64,
     /// Knobs.
     config: RelayConfig,
     /// Shared state for gauges and `/readyz`.
@@ -40,6 +44,8 @@ pub(super) struct Driver<S> {
     nodes: Option<Nodes>,
     /// Open connections and their publish tasks, by number.
     publishers: HashMap<u64, (Arc<Publisher>, Pipeline)>,
+    /// The current connection's blocking by the broker.
+    blocked: Option<watch::Receiver<Option<String>>>,
     /// Where publish tasks report.
     reports_tx: mpsc::UnboundedSender<Report>,
     /// Read by the loop.
@@ -50,6 +56,8 @@ pub(super) struct Driver<S> {
     mark: Running<Result<()>>,
     /// The connection attempt running, which hands the node list back.
     connect: Running<(Nodes, Result<Arc<Publisher>, String>)>,
+    /// The look at the table running, which hands the lease back.
+    look: Running<(S::Lease, Result<Lookout>)>,
 }
 
 impl<S: Store> Driver<S> {
@@ -58,9 +66,13 @@ impl<S: Store> Driver<S> {
         config: RelayConfig,
         health: Arc<Health>,
         inserts: Arc<Inserts>,
+        lease: S::Lease,
+        term: i64,
     ) -> Self {
         let (reports_tx, reports) = mpsc::unbounded_channel();
         Driver {
+            lease: Some(lease),
+            term,
             nodes: Some(Nodes::new(config.amqp_urls.clone())),
             core: Leader::new(config.clone(), Instant::now().into_std()),
             store,
@@ -68,11 +80,13 @@ impl<S: Store> Driver<S> {
             health,
             inserts,
             publishers: HashMap::new(),
+            blocked: None,
             reports_tx,
             reports,
             claim: None,
             mark: None,
             connect: None,
+            look: None,
         }
     }
 
@@ -81,7 +95,6 @@ impl<S: Store> Driver<S> {
         let mut stopping = false;
         loop {
             self.core.set_listening(self.inserts.listening());
-            self.core.set_blocked(self.health.blocked().is_some());
             let now = Instant::now().into_std();
             while let Some(action) = self.core.poll_action(now) {
                 self.execute(action);
@@ -98,8 +111,12 @@ impl<S: Store> Driver<S> {
                 }
                 done = poll(&mut self.mark), if self.mark.is_some() => {
                     self.mark = None;
-                    let ok = self.database(done).is_ok();
-                    self.core.marked(Instant::now().into_std(), ok);
+                    self.marked(done);
+                }
+                (lease, lookout) = poll(&mut self.look), if self.look.is_some() => {
+                    self.look = None;
+                    self.lease = Some(lease);
+                    self.looked(lookout);
                 }
                 (nodes, opened) = poll(&mut self.connect), if self.connect.is_some() => {
                     self.connect = None;
@@ -112,7 +129,10 @@ impl<S: Store> Driver<S> {
                         self.core.committed(from);
                     }
                 }
-                _ = self.health.broker_changed.notified() => {}
+                Some(reason) = blocking(&mut self.blocked) => {
+                    self.core.set_blocked(reason.is_some());
+                    self.health.set_blocked(reason);
+                }
                 _ = sleep_until(wake) => self.core.handle_timeout(Instant::now().into_std()),
                 _ = stop.cancelled(), if !stopping => {
                     stopping = true;
@@ -137,16 +157,25 @@ impl<S: Store> Driver<S> {
             }
             Action::Mark { sent, failed } => {
                 let store = self.store.clone();
-                let max_attempts = self.config.max_attempts;
+                let (term, max_attempts) = (self.term, self.config.max_attempts);
                 self.mark = Some(Box::pin(async move {
-                    store.mark(&sent, &failed, max_attempts).await
+                    store.mark(term, &sent, &failed, max_attempts).await
+                }));
+            }
+            Action::Look => {
+                let mut lease = self.lease.take().expect("one look at a time");
+                // Half the lease timeout: the core gives the lease up at that point anyway.
+                let limit = self.config.lease_timeout / 2;
+                self.look = Some(Box::pin(async move {
+                    let looked = tokio::time::timeout(limit, lease.look()).await;
+                    (lease, looked.unwrap_or(Err(crate::Error::Timeout(limit))))
                 }));
             }
             Action::Connect => {
                 let mut nodes = self.nodes.take().expect("one connection attempt at a time");
-                let (timeout, health) = (self.config.connect_timeout, self.health.clone());
+                let timeout = self.config.connect_timeout;
                 self.connect = Some(Box::pin(async move {
-                    let opened = nodes.connect(timeout, &health).await;
+                    let opened = nodes.connect(timeout).await;
                     (nodes, opened)
                 }));
             }
@@ -171,6 +200,7 @@ impl<S: Store> Driver<S> {
                     self.config.confirm_timeout,
                     self.reports_tx.clone(),
                 );
+                self.blocked = Some(publisher.blocked());
                 self.publishers.insert(conn, (publisher, pipeline));
                 self.health.set_blocked(None);
                 self.health.set_broker_connected(true);
@@ -182,10 +212,9 @@ impl<S: Store> Driver<S> {
         }
     }
 
-    /// Forgets connection `conn`; its publish task ends once its publishes have settled, and
-    /// the connection is closed in the background.
+    /// Stops connection `conn`'s publish task and closes the connection in the background.
     fn retire(&mut self, conn: u64) {
-        if let Some((publisher, _)) = self.publishers.remove(&conn) {
+        if let Some((publisher, _pipeline)) = self.publishers.remove(&conn) {
             tokio::spawn(
                 async move { tokio::time::timeout(CLOSE_TIMEOUT, publisher.close()).await },
             );
@@ -198,12 +227,40 @@ impl<S: Store> Driver<S> {
         let now = Instant::now().into_std();
         match report {
             Report::Outcome(outcome) => self.core.outcome(now, outcome),
-            Report::Lost { conn } => {
-                self.core.connection_lost(now, conn);
+            Report::Lost { conn, reason } => {
+                self.core.connection_lost(now, conn, reason);
                 if !self.core.is_connected() {
                     self.health.set_broker_connected(false);
                     self.health.set_blocked(None);
                 }
+            }
+        }
+    }
+
+    /// A mark came back; one fenced by a newer term means another relay leads.
+    fn marked(&mut self, done: Result<()>) {
+        let now = Instant::now().into_std();
+        if let Err(crate::Error::LeaseLost) = done {
+            self.core.marked(now, false);
+            self.core.fenced();
+            return;
+        }
+        let ok = self.database(done).is_ok();
+        self.core.marked(now, ok);
+    }
+
+    /// A look came back: the core learns whether the lease holds, the gauges what it saw.
+    fn looked(&mut self, lookout: Result<Lookout>) {
+        let now = Instant::now().into_std();
+        match lookout {
+            Ok(lookout) => {
+                self.health.set_database_ok(true);
+                self.health.set_lookout(&lookout);
+                self.core.looked(now, Ok(lookout));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the look at the table on the lease connection failed");
+                self.core.looked(now, Err(()));
             }
         }
     }
@@ -220,6 +277,16 @@ impl<S: Store> Driver<S> {
 /// The output of the operation in `slot` (which the caller checked is running).
 async fn poll<T>(slot: &mut Running<T>) -> T {
     slot.as_mut().expect("checked").await
+}
+
+/// The next change of the current connection's blocking, or never without one.
+async fn blocking(blocked: &mut Option<watch::Receiver<Option<String>>>) -> Option<Option<String>> {
+    if let Some(rx) = blocked
+        && rx.changed().await.is_ok()
+    {
+        return Some(rx.borrow_and_update().clone());
+    }
+    std::future::pending().await
 }
 
 /// Sleeps until `at`, or forever.

@@ -30,7 +30,7 @@ use crate::broker::{Outcome, PublishError};
 use crate::config::RelayConfig;
 use crate::message::OutboxRow;
 use crate::metrics as m;
-use crate::store::Failure;
+use crate::store::{Failure, Lookout};
 
 /// How long a confirmed row may wait for its mark while more confirms are coming. Marks are
 /// off the publishing path, so this only trades commits per second against rows held.
@@ -60,6 +60,8 @@ pub(crate) enum Action {
     Publish { conn: u64, row: Arc<OutboxRow> },
     /// Stop using connection `conn` and close it.
     Retire { conn: u64 },
+    /// Look at the table on the lease's connection; report it with [`Leader::looked`].
+    Look,
 }
 
 /// The broker connection, as the leader sees it.
@@ -93,8 +95,8 @@ pub(crate) struct Leader {
     keys: HashMap<String, VecDeque<Arc<OutboxRow>>>,
     /// Keys whose failed row is not yet marked, with that row: claims drop their rows.
     failing: HashMap<String, i64>,
-    /// Published rows waiting for their confirm, with the connection they went out on.
-    in_flight: HashMap<i64, (u64, Arc<OutboxRow>)>,
+    /// Rows published on the current connection, waiting for their confirm.
+    in_flight: HashMap<i64, Arc<OutboxRow>>,
     /// Claims start at this id.
     floor: i64,
     /// The highest id claimed this term.
@@ -128,23 +130,31 @@ pub(crate) struct Leader {
     last_conn: u64,
     /// The broker blocks publishing (resource alarm).
     blocked: bool,
-    /// Delays between failed connection attempts; reset after a success.
+    /// Delays between connection attempts; reset when a confirm comes.
     reconnect: Box<dyn Iterator<Item = Duration> + Send>,
-    /// Connections to close (made suspect by an outcome).
+    /// Connections given up, to close.
     retiring: Vec<u64>,
+    /// When the next look at the table is due.
+    look_at: Instant,
+    /// When the running look was sent, if one runs.
+    looking: Option<Instant>,
+    /// The lease is proven until then: the database ends a session silent for
+    /// `OUTBOX_LEASE_TIMEOUT`, and this is half of that after the last look that answered.
+    lease_until: Instant,
     /// Stopping: no claims and no publishes; the term ends at this deadline at the latest.
     stop_at: Option<Instant>,
-    /// The last mark of the term has been started.
-    final_mark_tried: bool,
-    /// The last mark of the term has been written (or tried).
+    /// The term is over: nothing more to do but close the connection.
     finished: bool,
 }
 
 impl Leader {
-    /// A new term at `now`: nothing held, the whole table to look at.
+    /// A new term whose lease was proven at `now`: nothing held, the whole table to look at.
     pub(crate) fn new(config: RelayConfig, now: Instant) -> Self {
         Leader {
             poll_at: now + config.poll_interval,
+            look_at: now + config.look_interval(),
+            looking: None,
+            lease_until: now + config.lease_timeout / 2,
             config,
             held: HashSet::new(),
             ready: VecDeque::new(),
@@ -169,7 +179,6 @@ impl Leader {
             reconnect: Box::new(crate::broker::reconnect_backoff()),
             retiring: Vec::new(),
             stop_at: None,
-            final_mark_tried: false,
             finished: false,
         }
     }
@@ -180,11 +189,23 @@ impl Leader {
         if let Some(conn) = self.retiring.pop() {
             return Some(Action::Retire { conn });
         }
-        if let Some(action) = self.poll_stop(now) {
-            return Some(action);
+        if now >= self.lease_until && !self.finished {
+            tracing::error!("leadership no longer proven: publishing stopped");
+            self.finish();
+        }
+        if self.finished {
+            return self.retiring.pop().map(|conn| Action::Retire { conn });
+        }
+        if self.looking.is_none() && now >= self.look_at {
+            self.looking = Some(now);
+            return Some(Action::Look);
         }
         if self.stop_at.is_some() {
-            return None;
+            let retire = self.poll_stop(now);
+            if retire.is_some() || self.finished {
+                return retire;
+            }
+            return self.next_mark(now);
         }
         if let Broker::Down { retry_at } = self.broker
             && retry_at <= now
@@ -206,21 +227,25 @@ impl Leader {
         let mark = self
             .first_mark_at
             .map(|t| t + MARK_DELAY)
-            .filter(|_| self.marking.is_none());
+            .filter(|_| self.may_mark());
         let connect = match self.broker {
-            Broker::Down { retry_at } => Some(retry_at),
+            Broker::Down { retry_at } if self.stop_at.is_none() => Some(retry_at),
             _ => None,
         };
+        let look = Some(self.look_at).filter(|_| self.looking.is_none());
         [
             mark,
             self.database_retry_at,
             Some(self.poll_at),
             connect,
             self.stop_at,
+            look,
+            Some(self.lease_until),
         ]
         .into_iter()
         .flatten()
         .min()
+        .filter(|_| !self.finished)
     }
 
     /// The term is over: stopped and its last mark written or tried.
@@ -268,24 +293,65 @@ impl Leader {
             conn: self.last_conn,
         };
         self.blocked = false;
-        self.reconnect = Box::new(crate::broker::reconnect_backoff());
         self.last_conn
     }
 
     /// Connection attempt done: no node answered.
     pub(crate) fn connect_failed(&mut self, now: Instant) {
-        let delay = self.reconnect.next().unwrap_or(Duration::from_secs(5));
         self.broker = Broker::Down {
-            retry_at: now + delay,
+            retry_at: now + self.next_reconnect_delay(),
         };
     }
 
-    /// Connection `conn` was lost; its publishes come back as connection failures.
-    pub(crate) fn connection_lost(&mut self, now: Instant, conn: u64) {
-        if self.broker == (Broker::Up { conn }) {
-            tracing::warn!("broker connection lost: reconnecting");
-            self.broker = Broker::Down { retry_at: now };
-            self.blocked = false;
+    /// Connection `conn` was given up by its publish task (closed, failed, or silent): its
+    /// unconfirmed rows go out first on the next connection, without counting an attempt.
+    pub(crate) fn connection_lost(&mut self, now: Instant, conn: u64, reason: PublishError) {
+        if self.broker != (Broker::Up { conn }) {
+            return;
+        }
+        metrics::counter!(m::PUBLISH_FAILURES, "reason" => reason.reason())
+            .increment(self.in_flight.len() as u64);
+        tracing::warn!(%reason, unconfirmed = self.in_flight.len(), "broker connection given up: publishing again on a new one");
+        self.give_up(now, conn);
+    }
+
+    /// A look at the table came back: an answer proves the lease (half the lease timeout
+    /// from when the look was sent), an error means it is lost.
+    pub(crate) fn looked(&mut self, now: Instant, lookout: Result<Lookout, ()>) {
+        let sent = self.looking.take().expect("a look was running");
+        self.look_at = now + self.config.look_interval();
+        match lookout {
+            Ok(lookout) => {
+                self.lease_until = sent + self.config.lease_timeout / 2;
+                self.seen(&lookout);
+            }
+            Err(()) if !self.finished => {
+                tracing::error!(
+                    "leadership lost (its database session is gone): publishing stopped"
+                );
+                self.finish();
+            }
+            Err(()) => {}
+        }
+    }
+
+    /// A mark was refused: another relay has taken the table since this term began.
+    pub(crate) fn fenced(&mut self) {
+        if !self.finished {
+            tracing::error!("another relay leads the table now: publishing stopped");
+            self.finish();
+        }
+    }
+
+    /// The regular look at the table: pending rows above the floor are claimed (their
+    /// notification may never have come; a row of theirs committed late below the floor is
+    /// then found through them), and a retry that fell due asks for the whole table.
+    fn seen(&mut self, lookout: &Lookout) {
+        if lookout.last_pending.is_some_and(|id| id >= self.floor) {
+            self.dirty = true;
+        }
+        if lookout.retry_due {
+            self.committed(0);
         }
     }
 
@@ -298,15 +364,23 @@ impl Leader {
         };
         let full = rows.len() == limit;
         let last = rows.last().map(|r| r.id);
+        let mut missed = None;
         for row in rows {
-            self.take(row);
+            if let Some(previous) = self.take(row) {
+                missed = Some(missed.map_or(previous, |m: i64| m.min(previous)));
+            }
         }
-        // Everything claimable from the floor up to here is now held.
+        // Everything claimable from the floor up to here is now held, but for the rows
+        // before a row left behind.
         self.floor = match (full, last) {
             (true, Some(last)) => last + 1,
             _ => self.top + 1,
         };
         self.dirty = full;
+        if let Some(previous) = missed {
+            self.floor = self.floor.min(previous);
+            self.dirty = true;
+        }
     }
 
     /// The running mark came back.
@@ -351,19 +425,14 @@ impl Leader {
         }
     }
 
-    /// Sorts one outcome: a confirm releases its key's next row; a failure of the row's own
-    /// making is marked and drops its key's rows held behind it; an interruption puts the row
-    /// back to be published first.
-    pub(crate) fn outcome(
-        &mut self,
-        now: Instant,
-        Outcome {
-            conn: _,
-            id,
-            result,
-        }: Outcome,
-    ) {
-        let Some((_, row)) = self.in_flight.remove(&id) else {
+    /// Sorts one outcome: a confirm releases its key's next row; a failure is marked and
+    /// drops its key's rows held behind it. An outcome from a connection already given up
+    /// is late: its row was put back when the connection was.
+    pub(crate) fn outcome(&mut self, now: Instant, Outcome { conn, id, result }: Outcome) {
+        if self.broker != (Broker::Up { conn }) {
+            return;
+        }
+        let Some(row) = self.in_flight.remove(&id) else {
             return;
         };
         let error = match result {
@@ -371,37 +440,38 @@ impl Leader {
             Err(error) => error,
         };
         metrics::counter!(m::PUBLISH_FAILURES, "reason" => error.reason()).increment(1);
-        let suspect = match error {
-            // A broker that is not blocking us confirms or nacks every publish: silence means
-            // the connection is gone, perhaps half-open.
-            PublishError::Timeout => !self.blocked,
+        let nacked = error == PublishError::Nack;
+        self.fail(now, &row, error);
+        if nacked {
             // After a quorum queue's leader moves, a channel can keep being nacked while a new
             // one is not (seen with RabbitMQ 3.10 when a cluster node stops).
-            PublishError::Nack => true,
-            _ => false,
-        };
-        if suspect && let Broker::Up { conn } = self.broker {
-            tracing::warn!(%error, "publishing on a new connection");
-            self.retire(now, conn);
+            tracing::warn!("nacked by the broker: publishing on a new connection");
+            self.give_up(now, conn);
         }
-        let not_the_rows_fault = matches!(error, PublishError::Connection(_))
-            || (error == PublishError::Timeout && self.blocked);
-        if not_the_rows_fault {
-            // No attempt is counted; its key stays taken, so it goes out first again.
-            tracing::debug!(message_id = %row.message_id, %error, "publish interrupted; will publish again");
-            self.ready.push_front(row);
-            return;
-        }
-        self.fail(now, &row, error);
     }
 
-    fn retire(&mut self, now: Instant, conn: u64) {
+    /// Stops using connection `conn`: its unconfirmed rows are put back at the front, in id
+    /// order, and the next connection is opened after a backoff step.
+    fn give_up(&mut self, now: Instant, conn: u64) {
         self.retiring.push(conn);
-        self.broker = Broker::Down { retry_at: now };
+        self.broker = Broker::Down {
+            retry_at: now + self.next_reconnect_delay(),
+        };
         self.blocked = false;
+        let mut rows: Vec<Arc<OutboxRow>> = self.in_flight.drain().map(|(_, row)| row).collect();
+        rows.sort_unstable_by_key(|row| std::cmp::Reverse(row.id));
+        for row in rows {
+            self.ready.push_front(row);
+        }
+    }
+
+    /// The wait before the next connection attempt; the steps grow until a confirm comes.
+    fn next_reconnect_delay(&mut self) -> Duration {
+        self.reconnect.next().unwrap_or(Duration::from_secs(5))
     }
 
     fn confirmed(&mut self, now: Instant, row: Arc<OutboxRow>) {
+        self.reconnect = Box::new(crate::broker::reconnect_backoff());
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -449,36 +519,38 @@ impl Leader {
         }
     }
 
-    /// While stopping: once nothing is outstanding (or the grace period is over), the last
-    /// mark; then the term is finished.
+    /// While stopping: once every confirm has come and been marked, or the grace period is
+    /// over, the term is finished.
     fn poll_stop(&mut self, now: Instant) -> Option<Action> {
         let stop_at = self.stop_at?;
-        if self.finished || self.claiming.is_some() || self.marking.is_some() {
+        let drained =
+            self.outstanding() == 0 && self.marks_waiting() == 0 && self.marking.is_none();
+        if !drained && now < stop_at {
             return None;
         }
-        if self.outstanding() > 0 && now < stop_at {
-            return None;
-        }
-        if self.marks_waiting() > 0 && !self.final_mark_tried {
-            self.final_mark_tried = true;
-            return Some(self.mark());
-        }
-        self.finished = true;
         if self.outstanding() > 0 {
             tracing::warn!(
                 rows = self.outstanding(),
                 "stopped with publishes unconfirmed: those rows stay pending and will be published again"
             );
         }
-        if self.marks_waiting() > 0 {
+        if self.marks_waiting() > 0 || self.marking.is_some() {
             tracing::warn!(
                 rows = self.marks_waiting(),
                 "could not record the last confirms: those rows will be published again"
             );
         }
-        match self.broker {
-            Broker::Up { conn } => Some(Action::Retire { conn }),
-            _ => None,
+        self.finish();
+        self.retiring.pop().map(|conn| Action::Retire { conn })
+    }
+
+    /// Ends the term: the connection is closed and nothing more is done (a mark written now
+    /// could come after another leader's, and would change nothing: its term fences it).
+    fn finish(&mut self) {
+        self.finished = true;
+        if let Broker::Up { conn } = self.broker {
+            self.retiring.push(conn);
+            self.broker = Broker::Connecting;
         }
     }
 
@@ -492,7 +564,7 @@ impl Leader {
             return None;
         }
         let row = self.ready.pop_front()?;
-        self.in_flight.insert(row.id, (conn, row.clone()));
+        self.in_flight.insert(row.id, row.clone());
         Some(Action::Publish { conn, row })
     }
 
@@ -541,14 +613,22 @@ impl Leader {
     /// or the oldest has waited `MARK_DELAY`. One that changes what claims return waits for
     /// the running claim.
     fn next_mark(&mut self, now: Instant) -> Option<Action> {
-        if self.marking.is_some() || self.marks_waiting() == 0 || self.database_retry_at.is_some() {
+        if self.marks_waiting() == 0 || !self.may_mark() {
             return None;
         }
         let idle = self.outstanding() == 0 && self.ready.is_empty();
         let due = self.first_mark_at.is_some_and(|t| now >= t + MARK_DELAY);
-        let exclusive = !self.failed.is_empty() || self.released.is_some();
         let batch = self.marks_waiting() >= self.config.batch_size;
-        ((batch || idle || due) && !(exclusive && self.claiming.is_some())).then(|| self.mark())
+        (batch || idle || due).then(|| self.mark())
+    }
+
+    /// A mark may start now: none runs, no database retry waits, and one that changes what
+    /// claims return does not overlap a claim.
+    fn may_mark(&self) -> bool {
+        let exclusive = !self.failed.is_empty() || self.released.is_some();
+        self.marking.is_none()
+            && self.database_retry_at.is_none()
+            && !(exclusive && self.claiming.is_some())
     }
 
     /// A mark of every confirm and failure waiting.
@@ -568,17 +648,25 @@ impl Leader {
     }
 
     /// Holds a claimed row: ready if its key has nothing ahead, else behind its key's rows.
-    fn take(&mut self, row: OutboxRow) {
+    /// A row whose key has an earlier pending row that is not held is left behind, and that
+    /// earlier row's id returned: it was committed late, or its notification never came,
+    /// and must go first.
+    fn take(&mut self, row: OutboxRow) -> Option<i64> {
         self.top = self.top.max(row.id);
+        if let Some(previous) = row.previous
+            && !self.held.contains(&previous)
+        {
+            return Some(previous);
+        }
         let row = Arc::new(row);
         let Some(key) = &row.ordering_key else {
             self.held.insert(row.id);
             self.ready.push_back(row);
-            return;
+            return None;
         };
         if self.failing.contains_key(key) {
             // Claimed before the failure was marked: found again once its key is released.
-            return;
+            return None;
         }
         self.held.insert(row.id);
         match self.keys.get_mut(key) {
@@ -592,6 +680,7 @@ impl Leader {
                 self.ready.push_back(row);
             }
         }
+        None
     }
 
     /// The next row of a confirmed row's key becomes ready.

@@ -1,9 +1,11 @@
 //! The sidecar's loops: leadership, the leader's publish loop, table figures and retention.
 //!
-//! Any number of relays may run on one table. Each tries to take the table's leadership
-//! ([`Store::try_lead`]); the one that holds it publishes, the others stand by and try again
-//! every `OUTBOX_LEADER_CHECK`. A leader checks its lease as often and stops publishing the
-//! moment it is lost.
+//! Any number of relays may run on one table. Each keeps a lease connection ([`Lease`]) and
+//! tries to take the table's leadership on it every `OUTBOX_LEADER_CHECK`; the one that
+//! holds it publishes, the others stand by. A leader looks at the table on that connection
+//! every check (which proves the lease) and stops publishing when a look fails or has not
+//! answered for half of `OUTBOX_LEASE_TIMEOUT`, before the database ends its silent session
+//! and a standby can take over.
 
 mod driver;
 mod leader;
@@ -15,15 +17,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::Health;
 use crate::config::RelayConfig;
 use crate::store::{Inserts, Lease, Store};
+use crate::{Health, Result};
 
 /// Rows deleted per retention statement: bounded, so no purge holds locks for long.
 const PURGE_BATCH: i64 = 1000;
 
-/// How long the leadership connection may take to answer before leadership counts as lost.
-const LEASE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Looks the listener may miss (their pings) before its connection counts as dead.
+const PINGS_MISSED: u32 = 5;
 
 /// Runs the relay until `shutdown` is cancelled, then drains (see [`RelayConfig::shutdown_grace`]).
 ///
@@ -40,19 +42,28 @@ pub async fn run<S: Store>(
         health.clone(),
         shutdown.clone(),
     ));
+    let mut lease = None;
     let mut reported_down = false;
     while !shutdown.is_cancelled() {
-        match store.try_lead().await {
-            Ok(Some(lease)) => {
+        let attempt = tokio::select! {
+            attempt = try_lead(&store, &mut lease) => attempt,
+            _ = shutdown.cancelled() => break,
+        };
+        match attempt {
+            Ok(Some(term)) => {
                 reported_down = false;
-                lead(&store, &config, &health, lease, &shutdown).await;
+                let lease = lease.take().expect("the lease that took the table");
+                lead(&store, &config, &health, lease, term, &shutdown).await;
             }
             Ok(None) => tracing::debug!("another relay leads this table: standing by"),
-            Err(e) if !reported_down => {
-                reported_down = true;
-                tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "database unavailable: retrying");
+            Err(e) => {
+                // The connection may be the broken part: the next attempt opens another.
+                lease = None;
+                if !reported_down {
+                    reported_down = true;
+                    tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "database unavailable: retrying");
+                }
             }
-            Err(_) => {}
         }
         tokio::select! {
             _ = tokio::time::sleep(config.leader_check) => {}
@@ -62,45 +73,56 @@ pub async fn run<S: Store>(
     figures.abort();
 }
 
-/// Holds leadership while the publish loop runs; returns when shutdown comes or the lease is lost.
+/// One attempt to take the table's leadership on the lease connection (opened if need be):
+/// the new term if taken. Bounded by the connect and query timeouts.
+async fn try_lead<S: Store>(store: &S, lease: &mut Option<S::Lease>) -> Result<Option<i64>> {
+    let lease = match lease {
+        Some(lease) => lease,
+        None => lease.insert(store.lease().await?),
+    };
+    let limit = store.options().query_timeout;
+    tokio::time::timeout(limit, lease.try_acquire())
+        .await
+        .map_err(|_| crate::Error::Timeout(limit))?
+}
+
+/// Leads one term: runs the publish loop until shutdown or the lease is lost, then releases
+/// the lease (its connection closes, and the database releases the lock).
 async fn lead<S: Store>(
     store: &S,
     config: &RelayConfig,
     health: &Arc<Health>,
     lease: S::Lease,
+    term: i64,
     shutdown: &CancellationToken,
 ) {
-    tracing::info!("leading: this relay publishes the table");
+    tracing::info!(term, "leading: this relay publishes the table");
     health.set_leader(true);
     let stop = shutdown.child_token();
-    let lost = CancellationToken::new();
     let inserts = Arc::new(Inserts::default());
+    let silence = PINGS_MISSED * config.look_interval();
     let helpers = [
-        tokio::spawn(keep_lease(
-            lease,
-            config.leader_check,
-            health.clone(),
-            inserts.clone(),
-            lost.clone(),
-            stop.clone(),
-        )),
         tokio::spawn(purge_sent(store.clone(), stop.clone())),
         tokio::spawn({
             let (store, inserts, stop) = (store.clone(), inserts.clone(), stop.clone());
             async move {
                 tokio::select! {
-                    _ = store.watch_inserts(inserts) => {}
+                    _ = store.watch_inserts(inserts, silence) => {}
                     _ = stop.cancelled() => {}
                 }
             }
         }),
     ];
-    driver::Driver::new(store.clone(), config.clone(), health.clone(), inserts)
-        .run(&stop)
-        .await;
-    if lost.is_cancelled() {
-        tracing::error!("leadership lost (its database connection is gone): publishing stopped");
-    }
+    driver::Driver::new(
+        store.clone(),
+        config.clone(),
+        health.clone(),
+        inserts,
+        lease,
+        term,
+    )
+    .run(&stop)
+    .await;
     stop.cancel();
     for helper in helpers {
         let _ = helper.await;
@@ -108,59 +130,20 @@ async fn lead<S: Store>(
     health.set_leader(false);
 }
 
-/// Reads the table's figures on the lease's connection every `every`: one query both keeps
-/// the gauges fresh and checks leadership. When a failed row's retry falls due it tells the
-/// leader to look at the whole table. When the lease is gone, cancels `lost` and `stop`;
-/// dropping the lease at the end (when `stop` is cancelled) releases leadership.
-async fn keep_lease<L: Lease>(
-    mut lease: L,
-    every: Duration,
-    health: Arc<Health>,
-    inserts: Arc<Inserts>,
-    lost: CancellationToken,
-    stop: CancellationToken,
-) {
-    loop {
-        match tokio::time::timeout(LEASE_TIMEOUT, lease.stats()).await {
-            Ok(Ok(stats)) => {
-                if stats.next_retry_in_seconds.is_some_and(|s| s <= 0.0) {
-                    inserts.committed(0);
-                }
-                health.set_database_ok(true);
-                health.set_stats(stats);
-            }
-            _ => {
-                lost.cancel();
-                stop.cancel();
-                return;
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
-}
-
-/// Keeps the gauges and `/readyz` of a standby within a second of the table (a leader reads
-/// them in [`keep_lease`]).
+/// Keeps the gauges and `/readyz` within a second of the table. A leader's looks read every
+/// figure but the pending count, which is read here only while rows are pending.
 async fn refresh_stats<S: Store>(store: S, health: Arc<Health>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
-        if health.is_leader() {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.cancelled() => {}
-            }
-            continue;
-        }
-        match store.stats().await {
-            Ok(stats) => {
-                health.set_database_ok(true);
-                health.set_stats(stats);
-            }
-            Err(e) => {
-                health.set_database_ok(false);
-                tracing::debug!(error = %e, "database figures unavailable");
+        if !health.is_leader() || health.pending_seen() {
+            match store.stats().await {
+                Ok(stats) => {
+                    health.set_database_ok(true);
+                    health.set_stats(stats);
+                }
+                Err(e) => {
+                    health.set_database_ok(false);
+                    tracing::debug!(error = %e, "database figures unavailable");
+                }
             }
         }
         tokio::select! {

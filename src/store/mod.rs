@@ -19,7 +19,10 @@ use crate::{Result, TableName};
 #[cfg(feature = "postgres")]
 pub mod postgres;
 
+mod deadline;
 mod migrate;
+
+pub(crate) use deadline::{pool_options, within};
 
 /// How a store treats its table.
 #[derive(Debug, Clone)]
@@ -28,6 +31,28 @@ pub struct StoreOptions {
     pub table: TableName,
     /// How long sent rows are kept; zero deletes them as soon as they are confirmed.
     pub retention: Duration,
+    /// One statement (or transaction) at most, waiting for a pooled connection included
+    /// (`OUTBOX_QUERY_TIMEOUT`).
+    pub query_timeout: Duration,
+    /// One connection attempt at most (`OUTBOX_CONNECT_TIMEOUT`).
+    pub connect_timeout: Duration,
+    /// The database ends the lease session after this long without a word from it, which
+    /// releases leadership (`OUTBOX_LEASE_TIMEOUT`).
+    pub lease_timeout: Duration,
+}
+
+impl StoreOptions {
+    /// The documented defaults for `table`: sent rows deleted at once, 10 s for a statement,
+    /// a connection attempt and the lease.
+    pub fn new(table: TableName) -> Self {
+        StoreOptions {
+            table,
+            retention: Duration::ZERO,
+            query_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            lease_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// A publish attempt that failed through the row's own fault (nack, unroutable, timeout).
@@ -56,6 +81,21 @@ pub struct Stats {
     pub next_retry_in_seconds: Option<f64>,
 }
 
+/// What the leader's regular look at the table sees: enough to find rows committed since
+/// its last claim whether or not their notification came, and the gauges that cost no
+/// count of the backlog. Read from indexes: its cost grows with dead rows, not the backlog.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Lookout {
+    /// The highest id of a pending row.
+    pub last_pending: Option<i64>,
+    /// A failed row's retry has fallen due.
+    pub retry_due: bool,
+    /// Age of the oldest pending row in seconds (0 when none).
+    pub oldest_pending_age_seconds: f64,
+    /// Rows in the dead state.
+    pub dead: i64,
+}
+
 /// A dead row as `outbox dead list` shows it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct DeadRow {
@@ -75,11 +115,17 @@ pub struct DeadRow {
     pub age_seconds: f64,
 }
 
-/// Leadership of one table, held until dropped or until the database connection is lost.
+/// A dedicated connection that may hold the table's leadership, until it is dropped or the
+/// database ends its session (which it does after `OUTBOX_LEASE_TIMEOUT` of silence, so a
+/// leader whose host vanished loses the table). Callers bound every call with a deadline.
 pub trait Lease: Send + 'static {
-    /// The table's figures, read on the connection that holds leadership: an answer also
-    /// proves leadership is still held, and an error means stop publishing at once.
-    fn stats(&mut self) -> impl Future<Output = Result<Stats>> + Send;
+    /// Takes leadership if no other relay holds it. On success the table's term is raised
+    /// and returned: marks carry it, and a mark of an older term changes nothing.
+    fn try_acquire(&mut self) -> impl Future<Output = Result<Option<i64>>> + Send;
+
+    /// One look at the table ([`Lookout`]); an answer proves leadership is still held. It
+    /// also pings the notification listener, which takes silence for a dead connection.
+    fn look(&mut self) -> impl Future<Output = Result<Lookout>> + Send;
 }
 
 /// What the leader hears of new rows: the smallest id committed since it last looked, and
@@ -143,8 +189,8 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Applies the schema; returns the migrations applied now (none on a second run).
     fn migrate(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
 
-    /// Takes the table's leadership if no other relay holds it.
-    fn try_lead(&self) -> impl Future<Output = Result<Option<Self::Lease>>> + Send;
+    /// Opens a connection for leadership (bounded by the connect timeout).
+    fn lease(&self) -> impl Future<Output = Result<Self::Lease>> + Send;
 
     /// Up to `limit` rows due for publishing with ids from `from` up, oldest first, skipping
     /// `held` (rows the leader already has), and holding back every row whose ordering key
@@ -156,9 +202,13 @@ pub trait Store: Clone + Send + Sync + 'static {
         held: &[i64],
     ) -> impl Future<Output = Result<Vec<OutboxRow>>> + Send;
 
-    /// Records confirmed rows as sent and failed attempts, in one transaction.
+    /// Records confirmed rows as sent and failed attempts, in one transaction, if `term` is
+    /// still the table's; otherwise changes nothing and fails with [`Error::LeaseLost`].
+    ///
+    /// [`Error::LeaseLost`]: crate::Error::LeaseLost
     fn mark(
         &self,
+        term: i64,
         sent: &[i64],
         failed: &[Failure],
         max_attempts: u32,
@@ -184,7 +234,13 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64>> + Send;
 
     /// Runs until dropped, reporting committed rows to `inserts` and keeping its
-    /// `listening` flag true while notifications arrive. A backend without notifications
-    /// returns at once: polling covers it.
-    fn watch_inserts(&self, inserts: Arc<Inserts>) -> impl Future<Output = ()> + Send;
+    /// `listening` flag true while notifications arrive. The leader's looks ping it, so
+    /// `silence` without any notification means its connection is dead: it reconnects and
+    /// asks for the whole table. A backend without notifications returns at once: the
+    /// looks and polling cover it.
+    fn watch_inserts(
+        &self,
+        inserts: Arc<Inserts>,
+        silence: Duration,
+    ) -> impl Future<Output = ()> + Send;
 }

@@ -102,13 +102,7 @@ impl TestDb {
     }
 
     pub fn store(&self) -> PgStore {
-        PgStore::new(
-            self.pool.clone(),
-            StoreOptions {
-                table: self.table.clone(),
-                retention: Duration::ZERO,
-            },
-        )
+        PgStore::new(self.pool.clone(), StoreOptions::new(self.table.clone()))
     }
 
     /// Inserts one row with plain SQL, as a service in any language would; returns its message id.
