@@ -2,7 +2,11 @@
 //! test, the real `outbox` binary as a child process, and deadline-based waits.
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod workload;
+
+#[allow(unused_imports)] // not every test file uses the proxy
+pub use proxy::Proxy;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -444,90 +448,4 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (code, body)
-}
-
-/// A TCP proxy in front of a service, for faults: `sever` cuts every open connection at
-/// once (new ones are still accepted), `blackhole` holds connections open but passes nothing
-/// (half-open), `delay` slows every chunk down.
-pub struct Proxy {
-    pub addr: SocketAddr,
-    links: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-    /// 0 = pass, `u64::MAX` = blackhole, otherwise a delay per chunk in microseconds.
-    mode: Arc<std::sync::atomic::AtomicU64>,
-}
-
-const BLACKHOLE: u64 = u64::MAX;
-
-impl Proxy {
-    pub async fn start(target: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let links: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let mode: Arc<std::sync::atomic::AtomicU64> = Arc::default();
-        let (registry, modes) = (links.clone(), mode.clone());
-        tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let mode = modes.clone();
-                let link = tokio::spawn(async move {
-                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    let (ri, wi) = inbound.into_split();
-                    let (ro, wo) = outbound.into_split();
-                    tokio::select! {
-                        _ = pump(ri, wo, mode.clone()) => {}
-                        _ = pump(ro, wi, mode) => {}
-                    }
-                });
-                registry.lock().unwrap().push(link.abort_handle());
-            }
-        });
-        Proxy { addr, links, mode }
-    }
-
-    /// Closes every connection open through the proxy.
-    pub fn sever(&self) {
-        for link in self.links.lock().unwrap().drain(..) {
-            link.abort();
-        }
-    }
-
-    /// Stops passing bytes, keeping every connection open.
-    pub fn blackhole(&self) {
-        self.mode
-            .store(BLACKHOLE, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Delays every chunk by `d` (zero: pass freely again).
-    pub fn delay(&self, d: Duration) {
-        self.mode
-            .store(d.as_micros() as u64, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mode: Arc<std::sync::atomic::AtomicU64>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        loop {
-            match mode.load(std::sync::atomic::Ordering::SeqCst) {
-                0 => break,
-                BLACKHOLE => tokio::time::sleep(Duration::from_millis(20)).await,
-                micros => {
-                    tokio::time::sleep(Duration::from_micros(micros)).await;
-                    break;
-                }
-            }
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
 }
