@@ -63,6 +63,9 @@ pub struct RelayConfig {
     /// without a word from it, so a leader whose host vanished loses the table within it;
     /// the leader stops publishing at half of it without an answer (default 10s).
     pub lease_timeout: Duration,
+    /// `OUTBOX_STALL_TIMEOUT`: `/healthz` fails when the leader has held pending rows this
+    /// long without progress while the broker does not block it (default 5m).
+    pub stall_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -84,6 +87,7 @@ impl RelayConfig {
             shutdown_grace: Duration::from_secs(10),
             leader_check: Duration::from_secs(1),
             lease_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(300),
         }
     }
 
@@ -139,6 +143,7 @@ impl Config {
             shutdown_grace: r.duration("OUTBOX_SHUTDOWN_GRACE", d.shutdown_grace),
             leader_check: r.duration("OUTBOX_LEADER_CHECK", d.leader_check),
             lease_timeout: r.duration("OUTBOX_LEASE_TIMEOUT", d.lease_timeout),
+            stall_timeout: r.duration("OUTBOX_STALL_TIMEOUT", d.stall_timeout),
         };
         for (name, d) in [
             ("OUTBOX_POLL_INTERVAL", relay.poll_interval),
@@ -271,17 +276,35 @@ impl Reader<'_> {
     }
 }
 
-/// The URL with its password replaced by `***`, for logs and messages.
+/// The URL with its password replaced by `***`, for logs and messages: the user info's,
+/// and any query parameter whose name contains `password` (`?password=`, `sslpassword=`).
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable URL>".to_owned(),
+    let Ok(mut u) = url::Url::parse(url) else {
+        return "<unparseable URL>".to_owned();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
     }
+    if u.query_pairs().any(|(name, _)| is_secret(&name)) {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if is_secret(&name) {
+                    "***".into()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
+}
+
+/// A query parameter that carries a secret.
+fn is_secret(name: &str) -> bool {
+    name.to_ascii_lowercase().contains("password")
 }
 
 #[cfg(test)]
@@ -351,5 +374,13 @@ mod tests {
             "amqp://guest:***@host:5672/%2f"
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact("postgres://u@h/db?sslmode=require&password=hunter2"),
+            "postgres://u@h/db?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact("mysql://h/db?user=app&sslpassword=s3cret"),
+            "mysql://h/db?user=app&sslpassword=***"
+        );
     }
 }

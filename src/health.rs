@@ -2,6 +2,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -10,8 +11,15 @@ use crate::metrics as m;
 use crate::store::{Lookout, Stats};
 
 /// What the relay knows about itself right now. Every setter keeps its gauge in step.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
+    /// `OUTBOX_STALL_TIMEOUT`: how long the leader may hold work without progress, or a
+    /// loop go without a turn, before `/healthz` fails.
+    stall_timeout: Duration,
+    /// When the leader last made progress (a mark written) or had nothing to do.
+    progress_at: Mutex<Instant>,
+    /// When the relay's current loop (standby or leader) last turned.
+    turned_at: Mutex<Instant>,
     /// The last database round trip succeeded.
     database_ok: AtomicBool,
     /// An AMQP connection is open.
@@ -45,7 +53,66 @@ pub struct Snapshot {
     pub stats: Stats,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Health::new(Duration::from_secs(300))
+    }
+}
+
 impl Health {
+    /// A relay's state; `/healthz` fails after `stall_timeout` without progress.
+    pub fn new(stall_timeout: Duration) -> Self {
+        Health {
+            stall_timeout,
+            progress_at: Mutex::new(Instant::now()),
+            turned_at: Mutex::new(Instant::now()),
+            database_ok: AtomicBool::default(),
+            broker_connected: AtomicBool::default(),
+            blocked: Mutex::default(),
+            leader: AtomicBool::default(),
+            stats: Mutex::default(),
+            pending_seen: AtomicBool::default(),
+            broker_changed: Notify::default(),
+        }
+    }
+
+    /// The leader made progress (a mark was written), or has nothing to do.
+    pub fn progressed(&self) {
+        *self.progress_at.lock().expect("health lock") = Instant::now();
+    }
+
+    /// The relay's loop turned: it is not stuck in a wait.
+    pub fn turned(&self) {
+        *self.turned_at.lock().expect("health lock") = Instant::now();
+    }
+
+    /// Why the relay is stuck, if it is: its loop has not turned for the stall timeout, or
+    /// it leads and has held work that long without progress while the broker is not
+    /// blocking it. A liveness probe then restarts it.
+    pub fn stalled(&self) -> Option<String> {
+        let limit = self.stall_timeout;
+        let turned = self.turned_at.lock().expect("health lock").elapsed();
+        if turned > limit {
+            return Some(format!(
+                "the relay's loop has not turned for {}s (OUTBOX_STALL_TIMEOUT is {}s)",
+                turned.as_secs(),
+                limit.as_secs()
+            ));
+        }
+        let idle = self.progress_at.lock().expect("health lock").elapsed();
+        let working = self.is_leader() && self.blocked().is_none();
+        (working && idle > limit).then(|| {
+            format!(
+                "the leader has held pending rows for {}s without publishing or marking any (OUTBOX_STALL_TIMEOUT is {}s); {} rows pending, database reachable: {}, broker connected: {}",
+                idle.as_secs(),
+                limit.as_secs(),
+                self.stats.lock().expect("health lock").pending,
+                self.database_ok.load(Ordering::Relaxed),
+                self.broker_connected.load(Ordering::Relaxed),
+            )
+        })
+    }
+
     /// Records whether the database answered.
     pub fn set_database_ok(&self, ok: bool) {
         self.database_ok.store(ok, Ordering::Relaxed);
@@ -83,8 +150,9 @@ impl Health {
         self.blocked.lock().expect("health lock").clone()
     }
 
-    /// Records whether this instance leads.
+    /// Records whether this instance leads (a new term counts as progress).
     pub fn set_leader(&self, leader: bool) {
+        self.progressed();
         self.leader.store(leader, Ordering::Relaxed);
         metrics::gauge!(m::LEADER).set(f64::from(u8::from(leader)));
     }

@@ -31,13 +31,20 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/", get(page))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(alive))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .with_state(Shared { health, prometheus });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+async fn alive(State(s): State<Shared>) -> Response {
+    match s.health.stalled() {
+        None => "ok\n".into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("stalled: {why}\n")).into_response(),
+    }
 }
 
 async fn ready(State(s): State<Shared>) -> Response {

@@ -178,7 +178,7 @@ async fn relay(store: impl Store, config: Config) -> anyhow::Result<()> {
         .install_recorder()
         .context("metrics recorder")?;
     outbox::metrics::describe();
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(config.relay.stall_timeout));
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let upkeep = prometheus.clone();

@@ -102,6 +102,10 @@ impl<S: Store> Driver<S> {
             if self.core.is_finished() {
                 break;
             }
+            self.health.turned();
+            if self.core.is_idle() {
+                self.health.progressed();
+            }
             let wake = self.core.poll_timeout().map(Instant::from_std);
             tokio::select! {
                 rows = poll(&mut self.claim), if self.claim.is_some() => {
@@ -246,6 +250,9 @@ impl<S: Store> Driver<S> {
             return;
         }
         let ok = self.database(done).is_ok();
+        if ok {
+            self.health.progressed();
+        }
         self.core.marked(now, ok);
     }
 

@@ -253,6 +253,11 @@ impl Leader {
         self.finished
     }
 
+    /// Nothing to do: nothing held, and nothing more to claim as far as it knows.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.held.is_empty() && !self.dirty && self.claiming.is_none()
+    }
+
     /// Unconfirmed publishes right now.
     pub(crate) fn outstanding(&self) -> usize {
         self.in_flight.len()

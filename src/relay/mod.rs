@@ -45,6 +45,7 @@ pub async fn run<S: Store>(
     let mut lease = None;
     let mut reported_down = false;
     while !shutdown.is_cancelled() {
+        health.turned();
         let attempt = tokio::select! {
             attempt = try_lead(&store, &mut lease) => attempt,
             _ = shutdown.cancelled() => break,

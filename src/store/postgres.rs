@@ -89,6 +89,8 @@ impl Statements {
             )
         };
         Statements {
+            // `NOT IN (SELECT unnest($2))` is hashed in custom and generic plans alike, where
+            // `<> ALL($2)` is scanned for each row in a generic plan; the ids are never NULL.
             claim: stmt(format!(
                 "SELECT o.id, o.message_id::text AS message_id, o.exchange, o.routing_key,
                         o.ordering_key, o.message_type, o.payload::text AS payload,
@@ -98,7 +100,7 @@ impl Statements {
                            AND p.state = 'pending' AND p.id < o.id) AS previous
                  FROM {t} o
                  WHERE o.state = 'pending' AND o.id >= $1 AND o.next_attempt_at <= now()
-                   AND o.id <> ALL($2)
+                   AND o.id NOT IN (SELECT unnest($2::bigint[]))
                    AND (o.ordering_key IS NULL OR NOT EXISTS (
                         SELECT 1 FROM {t} e WHERE e.ordering_key = o.ordering_key
                           AND e.id < o.id
@@ -188,8 +190,14 @@ impl PgStore {
     }
 
     /// A store with a small lazy pool for `url`: nothing connects until first used.
+    ///
+    /// Its sessions run with `enable_sort = off`. An outbox that deletes what it sends is
+    /// analyzed while nearly empty; a burst then looks small to the planner, which reads the
+    /// whole backlog and sorts it for every claim (180 to 480 ms per 500 rows against 2 ms).
+    /// Without sorts, every plan of the relay's statements is an index scan in id order.
     pub fn connect_lazy(url: &str, opts: StoreOptions) -> Result<Self> {
         let connect: PgConnectOptions = url.parse()?;
+        let connect = connect.options([("enable_sort", "off")]);
         // Two connections kept open: a claim and a mark run at once, and opening one (with
         // TLS) takes long enough to show in the publish latency.
         let pool = pool_options()

@@ -1,8 +1,9 @@
 //! A TCP proxy in front of one service, for faults: `sever` cuts every open flow at once,
 //! `blackhole` holds data but lets closes through, `delay` slows every chunk down, and the
 //! freezes emulate a NAT that forgot a flow or a host that vanished: `freeze_idle` freezes
-//! flows once they go quiet, `freeze_all` freezes every flow, and `thaw` lets through what
-//! they held.
+//! flows once they go quiet, `freeze_all` freezes every flow, `freeze_new` the flows opened
+//! from then on, and `thaw` lets through what they held. `refuse` plays a service that is
+//! down.
 //!
 //! A frozen flow passes nothing in either direction, not even a close, and closes nothing:
 //! both peers see silence, as behind a NAT that drops their packets. It holds by no longer
@@ -45,6 +46,10 @@ struct State {
     pace: Pace,
     /// Which flows freeze (`freeze_idle`, `freeze_all`, `thaw`).
     freeze: Freeze,
+    /// Flows accepted from now on start frozen (`freeze_new`).
+    freeze_new: bool,
+    /// Connections are closed as soon as they are accepted (`refuse`): a service that is down.
+    refuse: bool,
     /// The open flows, by id.
     flows: HashMap<u64, Flow>,
     /// The id the next accepted flow gets.
@@ -128,6 +133,7 @@ impl State {
     /// Stops freezing and unfreezes every flow.
     fn thaw(&mut self) {
         self.freeze = Freeze::Off;
+        self.freeze_new = false;
         for flow in self.flows.values_mut() {
             flow.frozen = false;
         }
@@ -180,7 +186,7 @@ impl Registration {
         state.next_id += 1;
         let flow = Flow {
             last: Instant::now(),
-            frozen: false,
+            frozen: state.freeze_new,
             task: None,
         };
         state.flows.insert(id, flow);
@@ -248,6 +254,20 @@ impl Proxy {
         self.shared.update(|s| s.refreeze(Freeze::All));
     }
 
+    /// Freezes every flow accepted from now on; open ones are left alone.
+    pub fn freeze_new(&self) {
+        self.shared.update(|s| s.freeze_new = true);
+    }
+
+    /// A service that is down (`true`): every open flow is cut and new connections are
+    /// closed as soon as they are accepted; `false` accepts them again.
+    pub fn refuse(&self, refuse: bool) {
+        self.shared.update(|s| s.refuse = refuse);
+        if refuse {
+            self.sever();
+        }
+    }
+
     /// Stops freezing: frozen flows pass what they held and carry on.
     pub fn thaw(&self) {
         self.shared.update(State::thaw);
@@ -273,6 +293,9 @@ impl Proxy {
 /// Accepts clients, each into a flow of its own.
 async fn accept(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) {
     while let Ok((client, _)) = listener.accept().await {
+        if shared.state.lock().unwrap().refuse {
+            continue;
+        }
         let registration = Registration::new(&shared);
         let id = registration.id;
         let task = tokio::spawn(flow(client, target, registration)).abort_handle();
