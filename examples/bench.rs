@@ -108,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
         // Rounds of (ceiling, drain): each drain against the ceiling measured next to it,
         // the median of the rounds reported, as this machine's speed drifts.
         let (mut raws, mut drains, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let mut bursts: [Vec<f64>; 2] = Default::default();
         for _ in 0..args.rounds {
             let raw = raw_ceiling(&conn, kind, n, Messages::Relay).await?;
             raws.push(raw);
@@ -116,6 +117,14 @@ async fn main() -> anyhow::Result<()> {
                     backlog_drain(&pg, &amqp, &conn, &relay_bin, Backlog::new(kind, n)).await?;
                 ratios.push(drain.rate / raw);
                 drains.push(drain);
+                for (stats, ratios) in [Stats::Empty, Stats::Burst].into_iter().zip(&mut bursts) {
+                    let burst = Backlog {
+                        arrival: Arrival::Burst(stats),
+                        ..Backlog::new(kind, n)
+                    };
+                    let drain = backlog_drain(&pg, &amqp, &conn, &relay_bin, burst).await?;
+                    ratios.push(drain.rate / raw);
+                }
             }
         }
         let raw = median(&raws);
@@ -140,6 +149,20 @@ async fn main() -> anyhow::Result<()> {
                 ("relay_cpu_s_per_10k_rows", median(&cpu)),
             ],
         );
+        for (stats, ratios) in [Stats::Empty, Stats::Burst].into_iter().zip(&bursts) {
+            report.row(
+                &format!(
+                    "burst of {n} rows timed from its commit, {}, {} queue",
+                    stats.name(),
+                    kind.name()
+                ),
+                &[
+                    ("ratio_to_raw", median(ratios)),
+                    ("ratio_min", ratios.iter().copied().fold(f64::MAX, f64::min)),
+                    ("ratio_max", ratios.iter().copied().fold(0.0, f64::max)),
+                ],
+            );
+        }
     }
     if wanted("latency") {
         for rate in [100, 1000, 5000] {
@@ -543,10 +566,41 @@ fn median(figures: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// What the table's statistics say when a burst arrives.
+#[derive(Clone, Copy, PartialEq)]
+enum Stats {
+    /// The table was analyzed empty, after an earlier burst was deleted: an outbox that
+    /// deletes what it sends, at rest.
+    Empty,
+    /// The table was analyzed holding an earlier burst of the same size.
+    Burst,
+}
+
+impl Stats {
+    fn name(self) -> &'static str {
+        match self {
+            Stats::Empty => "table analyzed empty",
+            Stats::Burst => "table analyzed with a burst",
+        }
+    }
+}
+
+/// How the rows reach the relay.
+#[derive(Clone, Copy, PartialEq)]
+enum Arrival {
+    /// Committed (and analyzed) before the relay starts; the clock runs from the first row
+    /// in the queue to the last.
+    Backlog,
+    /// Committed in one transaction while the relay idles; the clock runs from the commit.
+    Burst(Stats),
+}
+
 /// What a drain run sets up.
 #[derive(Clone, Copy)]
 struct Backlog {
     kind: QueueKind,
+    /// How the rows arrive.
+    arrival: Arrival,
     /// Committed rows to drain, over `KEYS` ordering keys.
     rows: usize,
     /// Rows already sent, written first.
@@ -561,6 +615,7 @@ impl Backlog {
     fn new(kind: QueueKind, rows: usize) -> Self {
         Backlog {
             kind,
+            arrival: Arrival::Backlog,
             rows,
             sent: 0,
             keep: false,
@@ -579,6 +634,7 @@ async fn backlog_drain(
 ) -> anyhow::Result<Drain> {
     let Backlog {
         kind,
+        arrival,
         rows: n,
         sent,
         keep,
@@ -600,24 +656,36 @@ async fn backlog_drain(
         .execute(&db.pool)
         .await?;
     }
-    sqlx::query(
-        "INSERT INTO outbox (routing_key, ordering_key, payload)
-         SELECT $1, 'key-' || (i % $2), $3::jsonb FROM generate_series(1, $4) i",
-    )
-    .bind(&queue)
-    .bind(KEYS as i64)
-    .bind(payload())
-    .bind(n as i64)
-    .execute(&db.pool)
-    .await?;
-    sqlx::query("VACUUM ANALYZE outbox")
-        .execute(&db.pool)
-        .await?;
-
     let retention = if keep { "7d" } else { "0s" };
-    let relay = RelayProcess::start(relay_bin, &db.url, amqp, &[("OUTBOX_RETENTION", retention)])?;
-    // The clock runs from the first rows seen in the queue (the process start, connections
-    // and leadership are not throughput) to the last.
+    let start_relay =
+        || RelayProcess::start(relay_bin, &db.url, amqp, &[("OUTBOX_RETENTION", retention)]);
+    let (relay, committed) = match arrival {
+        Arrival::Backlog => {
+            insert_rows(&db.pool, &queue, n).await?;
+            analyze(&db.pool).await?;
+            (start_relay()?, None)
+        }
+        Arrival::Burst(stats) => {
+            // An earlier burst, sent and deleted; the statistics taken while it was there,
+            // or (as autovacuum leaves an outbox that deletes what it sends) once it was gone.
+            insert_rows(&db.pool, &queue, n).await?;
+            if stats == Stats::Burst {
+                analyze(&db.pool).await?;
+            }
+            sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
+            if stats == Stats::Empty {
+                analyze(&db.pool).await?;
+            }
+            let relay = start_relay()?;
+            // Connections and leadership are not throughput: the relay idles first.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            insert_rows(&db.pool, &queue, n).await?;
+            (relay, Some(Instant::now()))
+        }
+    };
+    // The clock runs from the commit of a burst, or for a backlog from the first rows seen
+    // in the queue (the process start, connections and leadership are not throughput), to
+    // the last row.
     let launched = Instant::now();
     let consumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reader = if consume {
@@ -652,7 +720,10 @@ async fn backlog_drain(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (t0, d0) = first.unwrap_or((launched, 0));
+    let (t0, d0) = committed
+        .map(|at| (at, 0))
+        .or(first)
+        .unwrap_or((launched, 0));
     let rate = (n - d0) as f64 / t0.elapsed().as_secs_f64();
     peak = peak.max(relay.memory_mib("VmHWM:"));
     let cpu = relay.cpu_seconds();
@@ -669,6 +740,27 @@ async fn backlog_drain(
         peak_rss_mib: peak,
         cpu_s_per_10k: cpu / n as f64 * 10_000.0,
     })
+}
+
+/// Commits `n` rows for `queue` over `KEYS` ordering keys in one transaction.
+async fn insert_rows(pool: &PgPool, queue: &str, n: usize) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (routing_key, ordering_key, payload)
+         SELECT $1, 'key-' || (i % $2), $3::jsonb FROM generate_series(1, $4) i",
+    )
+    .bind(queue)
+    .bind(KEYS as i64)
+    .bind(payload())
+    .bind(n as i64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Statistics as autovacuum would leave them for what the table holds now.
+async fn analyze(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("VACUUM ANALYZE outbox").execute(pool).await?;
+    Ok(())
 }
 
 /// Percentiles of a sample, in milliseconds.

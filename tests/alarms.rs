@@ -154,6 +154,38 @@ async fn backlog_for_the_alarm(db: &TestDb, round: usize) -> outbox::inbox::Cons
     config
 }
 
+/// A relay of its own, blocked by the alarm with publishes waiting: SIGTERM stops it within
+/// the grace period (plus a second to close its connection), and the rows it could not get
+/// confirmed stay pending.
+async fn sigterm_while_blocked_exits_within_the_grace_period() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new().await;
+    let mut relay = Relay::start(&db.url, &db.table, &[("OUTBOX_SHUTDOWN_GRACE", "2s")]);
+    for seq in 0..5 {
+        db.insert(&queue.name, None, json!({"seq": seq})).await;
+    }
+    eventually(
+        "the second relay to be blocked",
+        Duration::from_secs(30),
+        || async { relay.metric("outbox_broker_blocked").await == Some(1.0) },
+    )
+    .await;
+    let asked = std::time::Instant::now();
+    let status = relay.terminate();
+    let took = asked.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", relay.log_text());
+    assert!(
+        took < Duration::from_secs(4),
+        "SIGTERM during the alarm took {took:?}"
+    );
+    assert_eq!(
+        db.count("state = 'pending'").await,
+        5,
+        "a row was marked without a confirm"
+    );
+    println!("SIGTERM during the memory alarm: exited 0 after {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_and_disk_alarms_block_the_relay_which_reports_and_resumes_without_loss() {
     let db = TestDb::new().await;
@@ -186,6 +218,9 @@ async fn memory_and_disk_alarms_block_the_relay_which_reports_and_resumes_withou
             || async { relay.metric("outbox_broker_blocked").await == Some(1.0) },
         )
         .await;
+        if resource == "memory" {
+            sigterm_while_blocked_exits_within_the_grace_period().await;
+        }
         let (code, body) = relay.get("/readyz").await;
         assert_eq!(code, 503, "{body}");
         assert!(

@@ -1,7 +1,8 @@
 //! A three-node RabbitMQ cluster on this machine (`scripts/rabbitmq-cluster.sh`): the relay
 //! publishes with all three nodes in `AMQP_URL` while rows are committed; the node it is
-//! connected to is stopped, later another one; nothing is lost, order per key is kept, and
-//! the inbox consumer (quorum queue, concurrency 1) applies every message once and in order.
+//! connected to is stopped, later another one, and then (the twin of a stop) the connection
+//! to its node is frozen without closing; nothing is lost, order per key is kept, and the
+//! inbox consumer (quorum queue, concurrency 1) applies every message once and in order.
 //! (The raw recorder of the chaos test is left out: a bare lapin consumer sometimes stays
 //! attached to a quorum queue replica that lost its node and receives nothing more.)
 
@@ -72,7 +73,21 @@ async fn the_relay_fails_over_when_nodes_of_the_cluster_are_lost() {
             "a quorum queue without a replica on every node: {q}"
         );
     }
-    let amqp = urls.join(",");
+    // The relay reaches each node through a fault proxy of its own.
+    let mut proxies = Vec::new();
+    for url in &urls {
+        let port = url
+            .split(':')
+            .nth(2)
+            .and_then(|p| p.split('/').next())
+            .unwrap();
+        proxies.push(Proxy::start(format!("127.0.0.1:{port}").parse().unwrap()).await);
+    }
+    let amqp: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("amqp://guest:guest@{}/%2f", p.addr))
+        .collect();
+    let amqp = amqp.join(",");
     let relay = Relay::start(
         &w.db.url,
         &w.db.table,
@@ -83,7 +98,7 @@ async fn the_relay_fails_over_when_nodes_of_the_cluster_are_lost() {
         ],
     );
     w.converge("cluster of three").await;
-    // The port of the node the relay last connected to.
+    // The node (1-3) the relay last connected to.
     let node = || {
         let log = relay.log_text();
         let line = log
@@ -91,30 +106,33 @@ async fn the_relay_fails_over_when_nodes_of_the_cluster_are_lost() {
             .rfind(|l| l.contains("connected to the broker"))
             .unwrap_or_default()
             .to_owned();
-        ["5681", "5682", "5683"]
-            .into_iter()
-            .find(|p| line.contains(&format!(":{p}/")))
-            .unwrap_or("none")
+        let on = |p: &Proxy| line.contains(&format!(":{}/", p.addr.port()));
+        proxies.iter().position(on).map_or(0, |i| i + 1)
     };
     assert_eq!(
         node(),
-        "5681",
+        1,
         "the relay should start on the first node: {}",
         relay.log_text()
     );
 
     cluster(&["stop-node", "1"]);
     w.converge("node 1 (the relay's) stopped").await;
-    assert_ne!(node(), "5681", "the relay should have failed over");
+    assert_ne!(node(), 1, "the relay should have failed over");
     cluster(&["start-node", "1"]);
     w.converge("node 1 back").await;
 
     let current = node();
-    let n = &current[3..];
-    cluster(&["stop-node", n]);
+    cluster(&["stop-node", &current.to_string()]);
     w.converge("the relay's node stopped again").await;
     assert_ne!(node(), current, "the relay should have failed over");
-    cluster(&["start-node", n]);
+    cluster(&["start-node", &current.to_string()]);
+
+    let current = node();
+    proxies[current - 1].freeze_all();
+    w.converge("the relay's node frozen, nothing closed").await;
+    assert_ne!(node(), current, "the relay should have failed over");
+    proxies[current - 1].thaw();
 
     let totals = w.finish().await;
     println!("{totals:?}");

@@ -204,6 +204,36 @@ async fn when_the_leaders_host_vanishes_a_standby_takes_over_within_the_bound() 
     println!("takeover {takeover:?} after the leader's host vanished");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_frozen_at_start_is_reported_not_ready_then_used() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new().await;
+    let pg = Proxy::start(PG.parse().unwrap()).await;
+    pg.freeze_all();
+    let relay = Relay::start(
+        &through(&db, &pg),
+        &db.table,
+        &[
+            ("OUTBOX_CONNECT_TIMEOUT", "2s"),
+            ("OUTBOX_QUERY_TIMEOUT", "2s"),
+        ],
+    );
+    eventually(
+        "/readyz to say the database is unreachable",
+        Duration::from_secs(30),
+        || async {
+            let (code, body) = relay.get("/readyz").await;
+            code == 503 && body.contains("database unreachable")
+        },
+    )
+    .await;
+    assert_eq!(relay.get("/healthz").await.0, 200, "waiting is not a stall");
+    let id = db.insert(&queue.name, None, json!({"after": "thaw"})).await;
+    pg.thaw();
+    let m = queue.wait_for(1, Duration::from_secs(60)).await;
+    assert_eq!(m[0].message_id, id);
+}
+
 /// The relay's CPU time while its database is unreachable for 30 s, in `fault`.
 async fn cpu_while_the_database_is_unreachable(fault: impl Fn(&Proxy), heal: impl Fn(&Proxy)) {
     let db = TestDb::new().await;

@@ -1,5 +1,5 @@
 //! A TCP proxy in front of one service, for faults: `sever` cuts every open flow at once,
-//! `blackhole` holds data but lets closes through, `delay` slows every chunk down, and the
+//! `delay` slows every chunk down, and the
 //! freezes emulate a NAT that forgot a flow or a host that vanished: `freeze_idle` freezes
 //! flows once they go quiet, `freeze_all` freezes every flow, `freeze_new` the flows opened
 //! from then on, and `thaw` lets through what they held. `refuse` plays a service that is
@@ -42,8 +42,8 @@ struct Shared {
 /// The faults in force and the open flows.
 #[derive(Default)]
 struct State {
-    /// How data chunks are paced (`blackhole`, `delay`).
-    pace: Pace,
+    /// How long each data chunk waits before it passes (`delay`).
+    delay: Duration,
     /// Which flows freeze (`freeze_idle`, `freeze_all`, `thaw`).
     freeze: Freeze,
     /// Flows accepted from now on start frozen (`freeze_new`).
@@ -54,18 +54,6 @@ struct State {
     flows: HashMap<u64, Flow>,
     /// The id the next accepted flow gets.
     next_id: u64,
-}
-
-/// How data chunks are paced.
-#[derive(Clone, Copy, Default, PartialEq)]
-enum Pace {
-    /// Each chunk passes as soon as it is read.
-    #[default]
-    Free,
-    /// Each chunk waits this long first.
-    Delay(Duration),
-    /// Chunks are held; the ends of streams still pass (and close the flow).
-    Blackhole,
 }
 
 /// Which flows freeze.
@@ -110,15 +98,13 @@ impl Flow {
 }
 
 impl State {
-    /// Whether flow `id` must hold what it has: a data chunk (`data`), or its end or its
-    /// connection to the target.
-    fn holds(&mut self, id: u64, data: bool) -> bool {
-        let (freeze, blackhole) = (self.freeze, self.pace == Pace::Blackhole);
-        let frozen = self
-            .flows
+    /// Whether flow `id` must hold what it has (data, its end, or its connection to the
+    /// target).
+    fn holds(&mut self, id: u64) -> bool {
+        let freeze = self.freeze;
+        self.flows
             .get_mut(&id)
-            .is_some_and(|f| f.frozen(freeze, Instant::now()));
-        frozen || (data && blackhole)
+            .is_some_and(|f| f.frozen(freeze, Instant::now()))
     }
 
     /// Switches to `freeze`, keeping frozen the flows the previous rule had frozen.
@@ -147,20 +133,17 @@ impl Shared {
         self.changed.send_replace(());
     }
 
-    /// Waits until flow `id` may pass a data chunk (`data`), or its end or connection.
-    async fn wait(&self, id: u64, data: bool) {
+    /// Waits until flow `id` may pass what it has.
+    async fn wait(&self, id: u64) {
         let mut changed = self.changed.subscribe();
-        while self.state.lock().unwrap().holds(id, data) {
+        while self.state.lock().unwrap().holds(id) {
             let _ = changed.changed().await;
         }
     }
 
     /// The delay each data chunk waits now.
     fn delay(&self) -> Duration {
-        match self.state.lock().unwrap().pace {
-            Pace::Delay(d) => d,
-            Pace::Free | Pace::Blackhole => Duration::ZERO,
-        }
+        self.state.lock().unwrap().delay
     }
 
     /// Records that bytes just passed on flow `id`.
@@ -226,19 +209,9 @@ impl Proxy {
         }
     }
 
-    /// Stops passing data, keeping every flow open (until `delay`).
-    pub fn blackhole(&self) {
-        self.shared.update(|s| s.pace = Pace::Blackhole);
-    }
-
-    /// Delays every data chunk by `d` (zero: pass freely again, also after `blackhole`).
+    /// Delays every data chunk by `d` (zero: pass freely again).
     pub fn delay(&self, d: Duration) {
-        let pace = if d.is_zero() {
-            Pace::Free
-        } else {
-            Pace::Delay(d)
-        };
-        self.shared.update(|s| s.pace = pace);
+        self.shared.update(|s| s.delay = d);
     }
 
     /// From now on, freezes every flow, open or new, once no byte passed on it for `limit`
@@ -308,7 +281,7 @@ async fn accept(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) 
 /// Connects to the target (once not frozen) and pumps both ways until either side ends.
 async fn flow(client: TcpStream, target: SocketAddr, me: Registration) {
     let (shared, id) = (&*me.shared, me.id);
-    shared.wait(id, false).await;
+    shared.wait(id).await;
     let Ok(server) = TcpStream::connect(target).await else {
         return;
     };
@@ -330,7 +303,7 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, shared: &Shared, 
         if n > 0 && !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        shared.wait(id, n > 0).await;
+        shared.wait(id).await;
         if n == 0 || to.write_all(&buf[..n]).await.is_err() {
             return;
         }
