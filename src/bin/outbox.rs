@@ -71,6 +71,9 @@ enum DeadAction {
 /// included, at WARN: the relay reports those rows itself, without their bodies.
 const DEFAULT_LOG: &str = "info,sqlx=warn,lapin::returned_messages=error";
 
+/// How long open HTTP connections may delay the exit.
+const HTTP_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Latency buckets, in seconds, for `outbox_publish_latency_seconds`.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -207,7 +210,11 @@ async fn relay(store: impl Store, config: Config) -> anyhow::Result<()> {
     outbox::relay::run(store, config.relay, health, shutdown.clone()).await;
     shutdown.cancel();
     if let Some(http) = http {
-        http.await?.context("HTTP server")?;
+        // A client that holds its connection open does not hold the exit.
+        match tokio::time::timeout(HTTP_CLOSE_TIMEOUT, http).await {
+            Ok(served) => served?.context("HTTP server")?,
+            Err(_) => tracing::warn!("HTTP connections still open at exit: dropped"),
+        }
     }
     tracing::info!("relay stopped");
     Ok(())

@@ -293,9 +293,14 @@ impl Store for PgStore {
             "SET idle_session_timeout = {}",
             self.opts.lease_timeout.as_millis()
         );
-        if let Err(e) = sqlx::raw_sql(AssertSqlSafe(idle)).execute(&mut conn).await {
+        let set = sqlx::raw_sql(AssertSqlSafe(idle)).execute(&mut conn);
+        match tokio::time::timeout(self.opts.query_timeout, set).await {
+            Ok(Ok(_)) => {}
             // PostgreSQL before 14: the lock outlives a vanished host until TCP gives up.
-            tracing::warn!(error = %e, "idle_session_timeout not available: a leader whose host vanishes keeps the table until its TCP connection times out");
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "idle_session_timeout not available: a leader whose host vanishes keeps the table until its TCP connection times out")
+            }
+            Err(_) => return Err(crate::Error::Timeout(self.opts.query_timeout)),
         }
         Ok(PgLease {
             conn,
