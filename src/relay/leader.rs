@@ -13,7 +13,9 @@
 //! claimed, so a claim never rereads the rows in flight. The floor drops when rows below it
 //! may have become claimable: a late commit (the notification names its smallest id), a
 //! failed row whose retry fell due, a key released by its failed row's success, or no
-//! notifications arriving (then the leader looks from 0 every poll interval).
+//! notifications arriving (then the leader claims from 0 every poll interval while rows are
+//! pending, and polls adaptively: again at once after a claim that found rows, after waits
+//! that double up to the poll interval after one that found none).
 //!
 //! Order per key: a key has at most one publish unconfirmed. Its later rows wait here and
 //! the next one is published as soon as the broker confirms the one before; a row that fails
@@ -35,6 +37,10 @@ use crate::store::{Failure, Lookout};
 /// How long a confirmed row may wait for its mark while more confirms are coming. Marks are
 /// off the publishing path, so this only trades commits per second against rows held.
 const MARK_DELAY: Duration = Duration::from_millis(25);
+
+/// Without notifications, the first wait before claiming again after a claim found nothing;
+/// it doubles after each empty claim up to `OUTBOX_POLL_INTERVAL`, when the looks take over.
+const QUICK_POLL: Duration = Duration::from_millis(5);
 
 /// How long to wait before retrying a database operation that failed.
 const DATABASE_RETRY: Duration = Duration::from_millis(500);
@@ -124,6 +130,11 @@ pub(crate) struct Leader {
     database_retry_at: Option<Instant>,
     /// When to look at the whole table if notifications are not arriving.
     poll_at: Instant,
+    /// The last look saw pending rows.
+    pending_seen: bool,
+    /// Without notifications: when to claim again after an empty claim, and the wait that
+    /// led there (zero after a claim that found rows).
+    quick_poll: (Option<Instant>, Duration),
     /// The broker connection.
     broker: Broker,
     /// The last connection number handed out.
@@ -152,6 +163,8 @@ impl Leader {
     pub(crate) fn new(config: RelayConfig, now: Instant) -> Self {
         Leader {
             poll_at: now + config.poll_interval,
+            pending_seen: true,
+            quick_poll: (None, Duration::ZERO),
             look_at: now + config.look_interval(),
             looking: None,
             lease_until: now + config.lease_timeout / 2,
@@ -237,6 +250,7 @@ impl Leader {
             mark,
             self.database_retry_at,
             Some(self.poll_at),
+            self.quick_poll.0,
             connect,
             self.stop_at,
             look,
@@ -352,6 +366,7 @@ impl Leader {
     /// notification may never have come; a row of theirs committed late below the floor is
     /// then found through them), and a retry that fell due asks for the whole table.
     fn seen(&mut self, lookout: &Lookout) {
+        self.pending_seen = lookout.last_pending.is_some();
         if lookout.last_pending.is_some_and(|id| id >= self.floor) {
             self.dirty = true;
         }
@@ -386,6 +401,26 @@ impl Leader {
             self.floor = self.floor.min(previous);
             self.dirty = true;
         }
+        if !self.listening {
+            self.poll_adaptively(now, last.is_some());
+        }
+    }
+
+    /// Without notifications: claims again at once after a claim that found rows, and after
+    /// one that found none, after a wait that doubles up to `OUTBOX_POLL_INTERVAL` (then the
+    /// looks, which see any new pending row, take over).
+    fn poll_adaptively(&mut self, now: Instant, found: bool) {
+        if found {
+            self.dirty = true;
+            self.quick_poll = (None, Duration::ZERO);
+            return;
+        }
+        let wait = match self.quick_poll.1 {
+            Duration::ZERO => QUICK_POLL,
+            wait => (wait * 2).min(self.config.poll_interval),
+        };
+        let next = (wait < self.config.poll_interval).then(|| now + wait);
+        self.quick_poll = (next, wait);
     }
 
     /// The running mark came back.
@@ -421,9 +456,14 @@ impl Leader {
     /// Time passed: timers that fell due take effect.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         self.expire(now);
+        if self.quick_poll.0.is_some_and(|at| now >= at) {
+            self.quick_poll.0 = None;
+            self.dirty = true;
+        }
         if now >= self.poll_at {
             self.poll_at = now + self.config.poll_interval;
-            if !self.listening {
+            // Rows committed late below the floor have no notification to announce them.
+            if !self.listening && self.pending_seen {
                 self.floor = 0;
                 self.dirty = true;
             }
