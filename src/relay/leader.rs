@@ -22,21 +22,18 @@
 //! drops the rows of its key held behind it, and the claim holds back every row behind a
 //! failed one (dead, or waiting to retry) until that row is sent.
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
+use super::marks::Marks;
+use super::rows::Rows;
 use crate::broker::{Outcome, PublishError};
 use crate::config::RelayConfig;
 use crate::message::OutboxRow;
 use crate::metrics as m;
 use crate::store::{Failure, Lookout};
-
-/// How long a confirmed row may wait for its mark while more confirms are coming. Marks are
-/// off the publishing path, so this only trades commits per second against rows held.
-const MARK_DELAY: Duration = Duration::from_millis(25);
 
 /// Without notifications, the first wait before claiming again after a claim found nothing;
 /// it doubles after each empty claim up to `OUTBOX_POLL_INTERVAL`, when the looks take over.
@@ -81,32 +78,14 @@ enum Broker {
     Up { conn: u64 },
 }
 
-/// A mark the driver is running, kept so that a failed mark can be tried again.
-#[derive(Debug)]
-struct Marking {
-    sent: Vec<i64>,
-    failed: Vec<Failure>,
-    released: Option<i64>,
-}
-
 /// The state of one leadership term.
 pub(crate) struct Leader {
     /// Knobs.
     config: RelayConfig,
-    /// Rows claimed and not yet marked, whatever their stage: never claimed again while here.
-    held: HashSet<i64>,
-    /// Rows that may be published now, in claim order.
-    ready: VecDeque<Arc<OutboxRow>>,
-    /// Keys with a row ready or unconfirmed, and the rows of that key waiting behind it.
-    keys: HashMap<String, VecDeque<Arc<OutboxRow>>>,
-    /// Keys whose failed row is not yet marked, with that row: claims drop their rows.
-    failing: HashMap<String, i64>,
-    /// Rows published on the current connection, waiting for their confirm.
-    in_flight: HashMap<i64, Arc<OutboxRow>>,
+    /// The rows held, from their claim until their mark.
+    rows: Rows,
     /// Claims start at this id.
     floor: i64,
-    /// The highest id claimed this term.
-    top: i64,
     /// Rows may be claimable at or above the floor.
     dirty: bool,
     /// The smallest id reported committed since the last claim started.
@@ -115,17 +94,8 @@ pub(crate) struct Leader {
     listening: bool,
     /// The limit of the claim running, if one is.
     claiming: Option<usize>,
-    /// The mark running, if one is.
-    marking: Option<Marking>,
-    /// Confirmed rows waiting for their mark.
-    sent: Vec<i64>,
-    /// Failed attempts waiting for their mark.
-    failed: Vec<Failure>,
-    /// The smallest confirmed row that had failed before: its mark releases its key's later
-    /// rows, which the claims skipped.
-    released: Option<i64>,
-    /// When the oldest unwritten mark arrived.
-    first_mark_at: Option<Instant>,
+    /// The marks owed to the table.
+    marks: Marks,
     /// No database operation before this (after one failed).
     database_retry_at: Option<Instant>,
     /// When to look at the whole table if notifications are not arriving.
@@ -169,22 +139,13 @@ impl Leader {
             looking: None,
             lease_until: now + config.lease_timeout / 2,
             config,
-            held: HashSet::new(),
-            ready: VecDeque::new(),
-            keys: HashMap::new(),
-            failing: HashMap::new(),
-            in_flight: HashMap::new(),
+            rows: Rows::default(),
             floor: 0,
-            top: 0,
             dirty: true,
             committed_from: None,
             listening: false,
             claiming: None,
-            marking: None,
-            sent: Vec::new(),
-            failed: Vec::new(),
-            released: None,
-            first_mark_at: None,
+            marks: Marks::default(),
             database_retry_at: None,
             broker: Broker::Down { retry_at: now },
             last_conn: 0,
@@ -237,10 +198,7 @@ impl Leader {
 
     /// When [`Leader::poll_action`] may have something new to do, events aside.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        let mark = self
-            .first_mark_at
-            .map(|t| t + MARK_DELAY)
-            .filter(|_| self.may_mark());
+        let mark = self.marks.due_at().filter(|_| self.may_mark());
         let connect = match self.broker {
             Broker::Down { retry_at } if self.stop_at.is_none() => Some(retry_at),
             _ => None,
@@ -269,12 +227,12 @@ impl Leader {
 
     /// Nothing to do: nothing held, and nothing more to claim as far as it knows.
     pub(crate) fn is_idle(&self) -> bool {
-        self.held.is_empty() && !self.dirty && self.claiming.is_none()
+        self.rows.len() == 0 && !self.dirty && self.claiming.is_none()
     }
 
     /// Unconfirmed publishes right now.
     pub(crate) fn outstanding(&self) -> usize {
-        self.in_flight.len()
+        self.rows.unconfirmed()
     }
 
     /// Rows committed with ids from `from` up (0: look at the whole table).
@@ -328,9 +286,10 @@ impl Leader {
         if self.broker != (Broker::Up { conn }) {
             return;
         }
+        let unconfirmed = self.rows.unconfirmed();
         metrics::counter!(m::PUBLISH_FAILURES, "reason" => reason.reason())
-            .increment(self.in_flight.len() as u64);
-        tracing::warn!(%reason, unconfirmed = self.in_flight.len(), "broker connection given up: publishing again on a new one");
+            .increment(unconfirmed as u64);
+        tracing::warn!(%reason, unconfirmed, "broker connection given up: publishing again on a new one");
         self.give_up(now, conn);
     }
 
@@ -386,7 +345,7 @@ impl Leader {
         let last = rows.last().map(|r| r.id);
         let mut missed = None;
         for row in rows {
-            if let Some(previous) = self.take(row) {
+            if let Some(previous) = self.rows.take(row) {
                 missed = Some(missed.map_or(previous, |m: i64| m.min(previous)));
             }
         }
@@ -394,7 +353,7 @@ impl Leader {
         // before a row left behind.
         self.floor = match (full, last) {
             (true, Some(last)) => last + 1,
-            _ => self.top + 1,
+            _ => self.rows.top() + 1,
         };
         self.dirty = full;
         if let Some(previous) = missed {
@@ -425,32 +384,18 @@ impl Leader {
 
     /// The running mark came back.
     pub(crate) fn marked(&mut self, now: Instant, ok: bool) {
-        let Marking {
-            mut sent,
-            mut failed,
-            released,
-        } = self.marking.take().expect("a mark was running");
-        if ok {
-            metrics::counter!(m::PUBLISHED).increment(sent.len() as u64);
-            for id in sent.iter().chain(failed.iter().map(|f| &f.id)) {
-                self.held.remove(id);
-            }
-            // Their failures are in the table now: the claims hold their keys back.
-            self.failing
-                .retain(|_, id| !failed.iter().any(|f| f.id == *id));
-            if let Some(id) = released {
-                self.floor = self.floor.min(id);
-                self.dirty = true;
-            }
+        if !ok {
+            self.database_failed(now);
+            self.marks.failed_to_write(now);
             return;
         }
-        self.database_failed(now);
-        sent.append(&mut self.sent);
-        failed.append(&mut self.failed);
-        self.sent = sent;
-        self.failed = failed;
-        self.released = self.released.min(released).or(released);
-        self.first_mark_at.get_or_insert(now);
+        let mark = self.marks.written();
+        metrics::counter!(m::PUBLISHED).increment(mark.sent.len() as u64);
+        self.rows.marked(&mark.sent, &mark.failed);
+        if let Some(id) = mark.released {
+            self.floor = self.floor.min(id);
+            self.dirty = true;
+        }
     }
 
     /// Time passed: timers that fell due take effect.
@@ -477,7 +422,7 @@ impl Leader {
         if self.broker != (Broker::Up { conn }) {
             return;
         }
-        let Some(row) = self.in_flight.remove(&id) else {
+        let Some(row) = self.rows.settled(id) else {
             return;
         };
         let error = match result {
@@ -503,11 +448,7 @@ impl Leader {
             retry_at: now + self.next_reconnect_delay(),
         };
         self.blocked = false;
-        let mut rows: Vec<Arc<OutboxRow>> = self.in_flight.drain().map(|(_, row)| row).collect();
-        rows.sort_unstable_by_key(|row| std::cmp::Reverse(row.id));
-        for row in rows {
-            self.ready.push_front(row);
-        }
+        self.rows.unpublish();
     }
 
     /// The wait before the next connection attempt; the steps grow until a confirm comes.
@@ -522,14 +463,8 @@ impl Leader {
             .unwrap_or_default()
             .as_secs_f64();
         metrics::histogram!(m::PUBLISH_LATENCY).record((epoch - row.created_at).max(0.0));
-        self.first_mark_at.get_or_insert(now);
-        self.sent.push(row.id);
-        if row.attempts > 0 {
-            self.released = Some(self.released.map_or(row.id, |r| r.min(row.id)));
-        }
-        if let Some(key) = &row.ordering_key {
-            self.release_key(key);
-        }
+        self.marks.sent(now, row.id, row.attempts > 0);
+        self.rows.confirmed(&row);
     }
 
     /// Records a failed attempt of `row`: its key's rows held behind it are dropped (claims
@@ -542,19 +477,14 @@ impl Leader {
             message_id = %row.message_id, exchange = %row.exchange, routing_key = %row.routing_key,
             ordering_key = row.ordering_key.as_deref(), attempt, dead, %error, "publish failed"
         );
-        if let Some(key) = &row.ordering_key {
-            for behind in self.keys.remove(key).into_iter().flatten() {
-                self.held.remove(&behind.id);
-            }
-            self.failing.insert(key.clone(), row.id);
-        }
-        self.first_mark_at.get_or_insert(now);
-        self.failed.push(Failure {
+        self.rows.failed(row);
+        let failure = Failure {
             id: row.id,
             error: error.to_string(),
             retry_in: retry_delay(attempt, row.id, &self.config),
             permanent,
-        });
+        };
+        self.marks.failed(now, failure);
     }
 
     /// Clears timers that have passed.
@@ -569,7 +499,7 @@ impl Leader {
     fn poll_stop(&mut self, now: Instant) -> Option<Action> {
         let stop_at = self.stop_at?;
         let drained =
-            self.outstanding() == 0 && self.marks_waiting() == 0 && self.marking.is_none();
+            self.outstanding() == 0 && self.marks.waiting() == 0 && !self.marks.is_running();
         if !drained && now < stop_at {
             return None;
         }
@@ -579,9 +509,9 @@ impl Leader {
                 "stopped with publishes unconfirmed: those rows stay pending and will be published again"
             );
         }
-        if self.marks_waiting() > 0 || self.marking.is_some() {
+        if self.marks.waiting() > 0 || self.marks.is_running() {
             tracing::warn!(
-                rows = self.marks_waiting(),
+                rows = self.marks.waiting(),
                 "could not record the last confirms: those rows will be published again"
             );
         }
@@ -605,11 +535,10 @@ impl Leader {
         let Broker::Up { conn } = self.broker else {
             return None;
         };
-        if self.blocked || self.in_flight.len() >= self.config.max_in_flight {
+        if self.blocked || self.rows.unconfirmed() >= self.config.max_in_flight {
             return None;
         }
-        let row = self.ready.pop_front()?;
-        self.in_flight.insert(row.id, row.clone());
+        let row = self.rows.publish()?;
         Some(Action::Publish { conn, row })
     }
 
@@ -630,12 +559,10 @@ impl Leader {
             self.floor = self.floor.min(from);
             self.dirty = true;
         }
-        let room = self.capacity().saturating_sub(self.held.len());
-        let worth_it = room >= self.config.batch_size / 2 || self.ready.is_empty();
+        let room = self.capacity().saturating_sub(self.rows.len());
+        let worth_it = room >= self.config.batch_size / 2 || self.rows.none_ready();
         // A mark that changes what claims return goes first (claims would starve it).
-        let exclusive = self.marking.as_ref().is_some_and(Marking::is_exclusive)
-            || !self.failed.is_empty()
-            || self.released.is_some();
+        let exclusive = self.marks.exclusive();
         if !self.dirty || room == 0 || !worth_it || self.blocked || exclusive {
             return None;
         }
@@ -644,98 +571,36 @@ impl Leader {
         }
         let limit = room.min(self.config.batch_size);
         let from = self.floor;
-        let skip: Vec<i64> = self.held.iter().copied().filter(|&id| id >= from).collect();
+        let skip = self.rows.held_from(from);
         self.claiming = Some(limit);
         Some(Action::Claim { limit, from, skip })
-    }
-
-    /// Confirms and failures waiting for their mark.
-    fn marks_waiting(&self) -> usize {
-        self.sent.len() + self.failed.len()
     }
 
     /// The mark to start now, if any: a batch of confirms, or fewer once the window is idle
     /// or the oldest has waited `MARK_DELAY`. One that changes what claims return waits for
     /// the running claim.
     fn next_mark(&mut self, now: Instant) -> Option<Action> {
-        if self.marks_waiting() == 0 || !self.may_mark() {
+        if self.marks.waiting() == 0 || !self.may_mark() {
             return None;
         }
-        let idle = self.outstanding() == 0 && self.ready.is_empty();
-        let due = self.first_mark_at.is_some_and(|t| now >= t + MARK_DELAY);
-        let batch = self.marks_waiting() >= self.config.batch_size;
+        let idle = self.outstanding() == 0 && self.rows.none_ready();
+        let due = self.marks.due_at().is_some_and(|t| now >= t);
+        let batch = self.marks.waiting() >= self.config.batch_size;
         (batch || idle || due).then(|| self.mark())
     }
 
     /// A mark may start now: none runs, no database retry waits, and one that changes what
     /// claims return does not overlap a claim.
     fn may_mark(&self) -> bool {
-        let exclusive = !self.failed.is_empty() || self.released.is_some();
-        self.marking.is_none()
+        !self.marks.is_running()
             && self.database_retry_at.is_none()
-            && !(exclusive && self.claiming.is_some())
+            && !(self.marks.exclusive() && self.claiming.is_some())
     }
 
     /// A mark of every confirm and failure waiting.
     fn mark(&mut self) -> Action {
-        let marking = Marking {
-            sent: std::mem::take(&mut self.sent),
-            failed: std::mem::take(&mut self.failed),
-            released: self.released.take(),
-        };
-        self.first_mark_at = None;
-        let action = Action::Mark {
-            sent: marking.sent.clone(),
-            failed: marking.failed.clone(),
-        };
-        self.marking = Some(marking);
-        action
-    }
-
-    /// Holds a claimed row: ready if its key has nothing ahead, else behind its key's rows.
-    /// A row whose key has an earlier pending row that is not held is left behind, and that
-    /// earlier row's id returned: it was committed late, or its notification never came,
-    /// and must go first.
-    fn take(&mut self, row: OutboxRow) -> Option<i64> {
-        self.top = self.top.max(row.id);
-        if let Some(previous) = row.previous
-            && !self.held.contains(&previous)
-        {
-            return Some(previous);
-        }
-        let row = Arc::new(row);
-        let Some(key) = &row.ordering_key else {
-            self.held.insert(row.id);
-            self.ready.push_back(row);
-            return None;
-        };
-        if self.failing.contains_key(key) {
-            // Claimed before the failure was marked: found again once its key is released.
-            return None;
-        }
-        self.held.insert(row.id);
-        match self.keys.get_mut(key) {
-            Some(behind) => {
-                // Normally the last; a row committed late goes among the others by id.
-                let at = behind.partition_point(|r| r.id < row.id);
-                behind.insert(at, row);
-            }
-            None => {
-                self.keys.insert(key.clone(), VecDeque::new());
-                self.ready.push_back(row);
-            }
-        }
-        None
-    }
-
-    /// The next row of a confirmed row's key becomes ready.
-    fn release_key(&mut self, key: &str) {
-        match self.keys.get_mut(key).and_then(VecDeque::pop_front) {
-            Some(next) => self.ready.push_back(next),
-            None => {
-                self.keys.remove(key);
-            }
-        }
+        let (sent, failed) = self.marks.start();
+        Action::Mark { sent, failed }
     }
 
     fn database_failed(&mut self, now: Instant) {
@@ -747,24 +612,7 @@ impl Leader {
 impl Leader {
     /// Panics unless every row is in one place at most, and only if held.
     pub(crate) fn check_consistency(&self) {
-        let mut seen = HashSet::new();
-        let places = self
-            .ready
-            .iter()
-            .chain(self.keys.values().flatten())
-            .map(|r| r.id)
-            .chain(self.in_flight.keys().copied());
-        for id in places {
-            assert!(seen.insert(id), "row {id} is in two places at once");
-            assert!(self.held.contains(&id), "row {id} is handled but not held");
-        }
-    }
-}
-
-impl Marking {
-    /// Changes what claims may return: a failure, or a retried row's success.
-    fn is_exclusive(&self) -> bool {
-        !self.failed.is_empty() || self.released.is_some()
+        self.rows.check_consistency();
     }
 }
 

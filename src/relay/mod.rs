@@ -9,8 +9,10 @@
 
 mod driver;
 mod leader;
+mod marks;
 #[cfg(test)]
 mod model;
+mod rows;
 
 use std::sync::Arc;
 use std::time::Duration;
