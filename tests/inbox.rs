@@ -1,21 +1,32 @@
 //! The consumer inbox: one effect per message id, retries, dead letters, atomic
-//! consume-then-publish, and the deduplication window.
+//! consume-then-publish, the deduplication window, and the faults around them: a handler
+//! that swallows a database error, a closed dead-letter channel, a database that is down
+//! or frozen.
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use lapin::options::{BasicGetOptions, BasicPublishOptions};
-use lapin::types::AMQPValue;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use outbox::inbox::{ConsumerConfig, Handler, HandlerError, Incoming, consume};
 use serde::Deserialize;
 use serde_json::json;
-use sqlx::postgres::PgConnection;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnection, PgPoolOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Deserialize)]
@@ -98,15 +109,19 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    fn start(&self, handler: Effects) -> CancellationToken {
+    fn start(&self, handler: impl Handler<Body>) -> CancellationToken {
+        self.start_on(self.db.pool.clone(), handler).0
+    }
+
+    /// A consumer on `pool`, and its task (which ends when `consume` returns).
+    fn start_on(
+        &self,
+        pool: PgPool,
+        handler: impl Handler<Body>,
+    ) -> (CancellationToken, JoinHandle<()>) {
         let stop = CancellationToken::new();
-        tokio::spawn(consume(
-            self.db.pool.clone(),
-            self.config.clone(),
-            handler,
-            stop.clone(),
-        ));
-        stop
+        let task = tokio::spawn(consume(pool, self.config.clone(), handler, stop.clone()));
+        (stop, task)
     }
 
     /// A passive declare of the queue, on a fresh channel (a failed one closes its channel).
@@ -118,6 +133,19 @@ impl Setup {
         let ch = self._conn.create_channel().await.unwrap();
         ch.queue_declare(self.queue.as_str().into(), passive, Default::default())
             .await
+    }
+
+    /// Has a consumer declare the queue and leave it, so what is published next waits.
+    async fn declare_queue(&self) {
+        let declare = self.start(Effects::default());
+        self.wait_for_queue().await;
+        declare.cancel();
+        eventually(
+            "the declaring consumer to leave",
+            Duration::from_secs(20),
+            || async { self.consumers().await == 0 },
+        )
+        .await;
     }
 
     async fn wait_for_queue(&self) {
@@ -132,6 +160,11 @@ impl Setup {
     /// Consumers on the queue now.
     async fn consumers(&self) -> u32 {
         self.look().await.unwrap().consumer_count()
+    }
+
+    /// Messages ready in the queue now (delivered, unacked ones are not counted).
+    async fn ready(&self) -> u32 {
+        self.look().await.unwrap().message_count()
     }
 
     async fn publish(&self, message_id: Option<&str>, body: &[u8]) {
@@ -201,6 +234,14 @@ impl Setup {
     }
 }
 
+/// The message ids of `dead`.
+fn ids(dead: &[lapin::message::BasicGetMessage]) -> HashSet<String> {
+    dead.iter()
+        .filter_map(|d| d.delivery.properties.message_id().as_ref())
+        .map(|id| id.to_string())
+        .collect()
+}
+
 fn header(m: &lapin::message::BasicGetMessage, name: &str) -> Option<AMQPValue> {
     m.delivery
         .properties
@@ -244,6 +285,30 @@ async fn a_message_published_twice_has_one_effect() {
         assert_eq!(s.effects(&format!("m-{i}")).await, 1, "m-{i} applied twice");
     }
     assert_eq!(s.total_effects().await, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_holding_both_copies_of_a_message_applies_it_once_without_a_rollback() {
+    let s = setup().await;
+    s.declare_queue().await;
+    for n in 0..20 {
+        let (id, body) = (format!("m-{n}"), format!("{{\"n\": {n}}}"));
+        s.publish(Some(&id), body.as_bytes()).await;
+        s.publish(Some(&id), body.as_bytes()).await;
+    }
+    let handler = Effects::default();
+    let _stop = s.start(handler.clone());
+    eventually(
+        "every message to be applied",
+        Duration::from_secs(20),
+        || async { s.total_effects().await == 20 },
+    )
+    .await;
+    let calls = handler.calls.lock().unwrap().clone();
+    assert!(
+        calls.values().all(|&c| c == 1),
+        "a batch was rolled back and its messages run again: {calls:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,15 +431,7 @@ async fn a_batch_with_a_failing_message_is_rolled_back_and_each_applied_alone() 
         ..Default::default()
     };
     // A backlog waiting for the consumer arrives as batches.
-    let declare = s.start(handler.clone());
-    s.wait_for_queue().await;
-    declare.cancel();
-    eventually(
-        "the first consumer to leave",
-        Duration::from_secs(20),
-        || async { s.consumers().await == 0 },
-    )
-    .await;
+    s.declare_queue().await;
     s.publish_numbered(30).await;
     let _stop = s.start(handler.clone());
     eventually(
@@ -526,4 +583,310 @@ async fn inbox_rows_are_purged_after_the_deduplication_window() {
     )
     .await;
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A handler that "logs and carries on": it ignores the errors of its statements. For the
+/// messages `poison` picks it first runs a statement that fails, which aborts the
+/// transaction; the effect row it writes after that is silently lost.
+#[derive(Clone)]
+struct Swallows {
+    /// Which messages run the failing statement.
+    poison: fn(i64) -> bool,
+}
+
+impl Handler<Body> for Swallows {
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        msg: &Incoming<Body>,
+    ) -> Result<(), HandlerError> {
+        if (self.poison)(msg.body.n) {
+            let _ = sqlx::query("INSERT INTO no_such_table VALUES (1)")
+                .execute(&mut *tx)
+                .await;
+        }
+        let _ = sqlx::query("INSERT INTO effects (message_id, n) VALUES ($1, $2)")
+            .bind(&msg.message_id)
+            .bind(msg.body.n)
+            .execute(&mut *tx)
+            .await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_swallows_a_database_error_is_never_acked_without_its_effects() {
+    let s = setup().await;
+    let handler = Swallows {
+        poison: |n| n % 10 == 3,
+    };
+    // A backlog arrives as batches: a swallowed error aborts the batch's transaction.
+    s.declare_queue().await;
+    s.publish_numbered(30).await;
+    let _stop = s.start(handler);
+    let mut dead = s.wait_for_dead_letters(3).await;
+    // A lone message goes through the single-message path from its first attempt.
+    s.publish(Some("m-43"), b"{\"n\": 43}").await;
+    dead.extend(s.wait_for_dead_letters(1).await);
+    let poisoned = ["m-3", "m-13", "m-23", "m-43"].map(String::from);
+    assert_eq!(ids(&dead), HashSet::from(poisoned.clone()));
+    for d in &dead {
+        let Some(AMQPValue::LongString(error)) = header(d, "x-outbox-error") else {
+            panic!("no x-outbox-error header")
+        };
+        assert!(
+            error.to_string().contains("swallowed a database error"),
+            "{error}"
+        );
+        assert_eq!(
+            header(d, "x-outbox-attempts"),
+            Some(AMQPValue::LongLongInt(3))
+        );
+    }
+    eventually(
+        "every other message to be applied",
+        Duration::from_secs(20),
+        || async { s.total_effects().await == 27 },
+    )
+    .await;
+    for n in 0..30 {
+        let expected = i64::from(n % 10 != 3);
+        assert_eq!(s.effects(&format!("m-{n}")).await, expected, "m-{n}");
+    }
+    assert_eq!(s.effects("m-43").await, 0);
+    let recorded: HashSet<String> = sqlx::query_scalar("SELECT message_id FROM outbox_inbox")
+        .fetch_all(&s.db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let applied: HashSet<String> = (0..30)
+        .filter(|n| n % 10 != 3)
+        .map(|n| format!("m-{n}"))
+        .collect();
+    assert_eq!(
+        recorded, applied,
+        "the inbox rows are not the applied messages"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_still_arrive_after_the_dead_letter_channel_was_closed() {
+    let s = setup().await;
+    let handler = Effects {
+        hook: Some(Arc::new(|msg, _| {
+            match msg.message_id.starts_with("poison") {
+                true => Err("poison".into()),
+                false => Ok(()),
+            }
+        })),
+        ..Default::default()
+    };
+    let _stop = s.start(handler.clone());
+    s.wait_for_queue().await;
+    // Consuming: its session is open and declares nothing more (a session that failed to
+    // open would declare the exchange again when retried).
+    eventually(
+        "the consumer to consume",
+        Duration::from_secs(20),
+        || async { s.consumers().await == 1 },
+    )
+    .await;
+    // Publishing to a missing exchange: the broker closes the dead-letter channel (404).
+    let dead = s.config.dead_letter_queue();
+    s.publisher
+        .exchange_delete(dead.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    s.publish(Some("poison-1"), b"{\"n\": 1}").await;
+    let calls = || handler.calls.lock().unwrap().get("poison-1").copied();
+    eventually(
+        "a failed dead letter and the message's redelivery",
+        Duration::from_secs(30),
+        || async { calls() > Some(s.config.max_attempts as usize) },
+    )
+    .await;
+    declare_dead_letter_exchange(&s).await;
+    s.publish(Some("poison-2"), b"{\"n\": 2}").await;
+    let letters = s.wait_for_dead_letters(2).await;
+    assert_eq!(
+        ids(&letters),
+        HashSet::from(["poison-1".to_string(), "poison-2".to_string()])
+    );
+}
+
+/// The dead-letter exchange and its binding to the dead-letter queue, as the consumer
+/// declares them.
+async fn declare_dead_letter_exchange(s: &Setup) {
+    let dead = s.config.dead_letter_queue();
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    s.publisher
+        .exchange_declare(
+            dead.as_str().into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    s.publisher
+        .queue_bind(
+            dead.as_str().into(),
+            dead.as_str().into(),
+            s.queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_database_is_down_stops_at_shutdown_and_leaves_the_message_queued() {
+    let s = setup().await;
+    // Nothing listens there: every connection attempt is refused, the pool keeps trying.
+    let down = format!("postgres://postgres@127.0.0.1:{}/down", free_port());
+    let pool = PgPoolOptions::new().connect_lazy(&down).unwrap();
+    s.declare_queue().await;
+    s.publish(Some("stuck"), b"{\"n\": 1}").await;
+    eventually(
+        "the message to wait in the queue",
+        Duration::from_secs(20),
+        || async { s.ready().await == 1 },
+    )
+    .await;
+    let (stop, task) = s.start_on(pool, Effects::default());
+    eventually(
+        "the message to be delivered to the consumer",
+        Duration::from_secs(20),
+        || async { s.ready().await == 0 },
+    )
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("consume did not return at shutdown")
+        .unwrap();
+    eventually(
+        "the unacked message to be back in the queue",
+        Duration::from_secs(20),
+        || async { s.ready().await == 1 },
+    )
+    .await;
+    let _stop = s.start(Effects::default());
+    eventually(
+        "the message to be redelivered and applied",
+        Duration::from_secs(20),
+        || async { s.effects("stuck").await == 1 },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_on_a_frozen_connection_is_abandoned_and_retried_on_a_new_one() {
+    let mut s = setup().await;
+    s.config.transaction_timeout = Duration::from_secs(1);
+    let proxy = Arc::new(Freezer::start(database_addr(&s.db.url).await).await);
+    let mut through = url::Url::parse(&s.db.url).unwrap();
+    through.set_port(Some(proxy.addr.port())).unwrap();
+    through.set_host(Some("127.0.0.1")).unwrap();
+    // One connection: the retry gets a slot only if the frozen connection gave its back.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(through.as_str())
+        .await
+        .unwrap();
+    let freeze = proxy.clone();
+    let handler = Effects {
+        hook: Some(Arc::new(move |msg, call| {
+            if msg.message_id == "victim" && call == 1 {
+                freeze.freeze(); // the check and the COMMIT never reach the database
+            }
+            Ok(())
+        })),
+        ..Default::default()
+    };
+    let _stop = s.start_on(pool, handler.clone()).0;
+    s.wait_for_queue().await;
+    s.publish(Some("victim"), b"{\"n\": 1}").await;
+    s.publish(Some("after"), b"{\"n\": 2}").await;
+    eventually(
+        "both messages to be applied on a new connection",
+        Duration::from_secs(20),
+        || async { s.effects("victim").await == 1 && s.effects("after").await == 1 },
+    )
+    .await;
+    assert_eq!(handler.calls.lock().unwrap()["victim"], 2);
+}
+
+/// The address of the PostgreSQL server in `url`.
+async fn database_addr(url: &str) -> SocketAddr {
+    let url = url::Url::parse(url).unwrap();
+    let host = url.host_str().unwrap();
+    let port = url.port().unwrap_or(5432);
+    tokio::net::lookup_host((host, port))
+        .await
+        .unwrap()
+        .next()
+        .unwrap()
+}
+
+/// A TCP proxy whose `freeze` stops the connections open now for good: what they read is
+/// dropped (as by a network that lost its route), while an end of stream still closes both
+/// sides. Connections opened later pass freely.
+struct Freezer {
+    /// Where clients connect instead of the target.
+    addr: SocketAddr,
+    /// Each connection's frozen flag.
+    links: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl Freezer {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let links: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let registry = links.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let frozen = Arc::new(AtomicBool::new(false));
+                registry.lock().unwrap().push(frozen.clone());
+                tokio::spawn(link(client, target, frozen));
+            }
+        });
+        Freezer { addr, links }
+    }
+
+    /// Freezes every connection open now.
+    fn freeze(&self) {
+        for frozen in self.links.lock().unwrap().iter() {
+            frozen.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Connects `client` to `target` and passes bytes both ways until either side ends.
+async fn link(client: TcpStream, target: SocketAddr, frozen: Arc<AtomicBool>) {
+    let Ok(server) = TcpStream::connect(target).await else {
+        return;
+    };
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    tokio::select! {
+        _ = pass(client_read, server_write, &frozen) => {}
+        _ = pass(server_read, client_write, &frozen) => {}
+    }
+}
+
+/// Passes what `from` reads to `to` unless frozen (then drops it), until the end of `from`.
+async fn pass(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, frozen: &AtomicBool) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        if !frozen.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }

@@ -2,20 +2,21 @@
 
 use std::collections::HashSet;
 use std::marker::PhantomData;
-use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::Channel;
-use lapin::Confirmation;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, LongString};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde::de::DeserializeOwned;
-use sqlx::{AssertSqlSafe, PgPool, SqlSafeStr, SqlStr};
-use tokio::sync::Mutex;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgConnection;
+use sqlx::{AssertSqlSafe, PgPool, Postgres, SqlSafeStr, SqlStr};
+use tokio_util::sync::CancellationToken;
 
-use super::{ConsumerConfig, Handler, HandlerError, Incoming};
+use super::apply_error::{ApplyError, failed_earlier};
+use super::dead_letter::DeadLetters;
+use super::{ConsumerConfig, Handler, Incoming};
+use crate::error::is_retryable_db;
 use crate::metrics as m;
 
 /// How long an ack or nack may take before the connection is presumed gone.
@@ -29,36 +30,8 @@ enum Verdict {
     Duplicate,
     /// It goes to the dead-letter queue.
     Dead { reason: String, attempts: u32 },
-}
-
-/// Why an attempt failed.
-enum ApplyError {
-    Database(sqlx::Error),
-    Handler(HandlerError),
-}
-
-impl ApplyError {
-    /// Not the message's fault: retried without counting an attempt.
-    fn is_transient(&self) -> bool {
-        match self {
-            ApplyError::Database(e) => crate::error::is_retryable_db(e),
-            ApplyError::Handler(e) => {
-                e.downcast_ref::<sqlx::Error>()
-                    .is_some_and(crate::error::is_retryable_db)
-                    || e.downcast_ref::<crate::Error>()
-                        .is_some_and(crate::Error::is_retryable)
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for ApplyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ApplyError::Database(e) => write!(f, "inbox database error: {e}"),
-            ApplyError::Handler(e) => write!(f, "handler failed: {e}"),
-        }
-    }
+    /// Shutdown came before it was applied: left unacked, the broker redelivers it.
+    Abandoned,
 }
 
 /// What every delivery of one consumer shares.
@@ -71,16 +44,20 @@ pub(super) struct Context<T, H> {
     record: SqlStr,
     /// The same for many ids, returning those inserted now.
     record_many: SqlStr,
+    /// Counts the given ids' inbox rows: run before COMMIT, it finds those this transaction
+    /// recorded only if the transaction is still alive.
+    recorded: SqlStr,
     /// The service's handler.
     handler: H,
     /// Handler attempts before dead-lettering.
     max_attempts: u32,
     /// Retry delays.
     retry: ExponentialBuilder,
-    /// The queue (the dead letters' routing key).
-    queue: String,
-    /// The dead-letter exchange.
-    dead_exchange: String,
+    /// One transaction at most, from acquiring its connection to its commit.
+    transaction_timeout: Duration,
+    /// Ends retries and their delays; unacked deliveries are then redelivered.
+    shutdown: CancellationToken,
+    /// The message body's type.
     _body: PhantomData<fn() -> T>,
 }
 
@@ -89,7 +66,12 @@ where
     T: DeserializeOwned + Send + Sync + 'static,
     H: Handler<T>,
 {
-    pub(super) fn new(pool: PgPool, config: &ConsumerConfig, handler: H) -> Self {
+    pub(super) fn new(
+        pool: PgPool,
+        config: &ConsumerConfig,
+        handler: H,
+        shutdown: CancellationToken,
+    ) -> Self {
         let t = &config.table;
         let record = format!(
             "INSERT INTO {t}_inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
@@ -98,11 +80,14 @@ where
             "INSERT INTO {t}_inbox (consumer, message_id) SELECT $1, unnest($2::text[])
              ON CONFLICT DO NOTHING RETURNING message_id"
         );
+        let recorded =
+            format!("SELECT count(*) FROM {t}_inbox WHERE consumer = $1 AND message_id = ANY($2)");
         Context {
             pool,
             consumer: config.consumer.clone(),
             record: AssertSqlSafe(record).into_sql_str(),
             record_many: AssertSqlSafe(record_many).into_sql_str(),
+            recorded: AssertSqlSafe(recorded).into_sql_str(),
             handler,
             max_attempts: config.max_attempts.max(1),
             retry: ExponentialBuilder::default()
@@ -110,8 +95,8 @@ where
                 .with_max_delay(config.retry_max)
                 .with_jitter()
                 .without_max_times(),
-            queue: config.queue.clone(),
-            dead_exchange: config.dead_letter_queue(),
+            transaction_timeout: config.transaction_timeout,
+            shutdown,
             _body: PhantomData,
         }
     }
@@ -119,7 +104,7 @@ where
     /// Applies a batch of deliveries in one transaction and acks them together. If anything
     /// in the batch fails, the transaction is rolled back and each delivery is applied on
     /// its own, so a failing message retries and dead-letters alone.
-    pub(super) async fn process(&self, deliveries: Vec<Delivery>, dead: &Arc<Mutex<Channel>>) {
+    pub(super) async fn process(&self, deliveries: Vec<Delivery>, dead: &DeadLetters) {
         let mut parsed = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             match self.parse(&delivery) {
@@ -172,30 +157,20 @@ where
     }
 
     /// Counts the verdict, dead-letters if so, and acks.
-    async fn settle(&self, delivery: Delivery, verdict: Verdict, dead: &Arc<Mutex<Channel>>) {
+    async fn settle(&self, delivery: Delivery, verdict: Verdict, dead: &DeadLetters) {
         let label = ("consumer", self.consumer.clone());
         match verdict {
             Verdict::Applied => metrics::counter!(m::INBOX_HANDLED, &[label]).increment(1),
             Verdict::Duplicate => metrics::counter!(m::INBOX_DUPLICATES, &[label]).increment(1),
             Verdict::Dead { reason, attempts } => {
-                // Bounded: during a resource alarm the dead-letter connection is blocked.
-                let publish = self.dead_letter(&delivery, dead, &reason, attempts);
-                let published = tokio::time::timeout(2 * SETTLE_TIMEOUT, publish)
-                    .await
-                    .unwrap_or_else(
-                        |_| Err("no confirm from the dead-letter queue in time".into()),
-                    );
-                if let Err(e) = published {
-                    tracing::error!(consumer = %self.consumer, error = %e, "dead letter not published: message requeued");
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    };
-                    let _ = tokio::time::timeout(SETTLE_TIMEOUT, delivery.nack(requeue)).await;
+                if !self.dead_letter(&delivery, dead, &reason, attempts).await {
                     return;
                 }
-                tracing::warn!(consumer = %self.consumer, queue = %self.dead_exchange, %reason, attempts, "message dead-lettered");
                 metrics::counter!(m::INBOX_DEAD_LETTERED, &[label]).increment(1);
+            }
+            Verdict::Abandoned => {
+                tracing::debug!(consumer = %self.consumer, "shutting down: delivery left for redelivery");
+                return;
             }
         }
         // On a connection that just died an ack may never complete: bounded, so the session
@@ -209,6 +184,27 @@ where
                 tracing::debug!("ack timed out: the broker redelivers and the inbox skips it")
             }
         }
+    }
+
+    /// Publishes the dead letter; if that fails, requeues the delivery and says so (`false`).
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        dead: &DeadLetters,
+        reason: &str,
+        attempts: u32,
+    ) -> bool {
+        if let Err(e) = dead.send(delivery, reason, attempts).await {
+            tracing::error!(consumer = %self.consumer, error = %e, "dead letter not published: message requeued");
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            let _ = tokio::time::timeout(SETTLE_TIMEOUT, delivery.nack(requeue)).await;
+            return false;
+        }
+        tracing::warn!(consumer = %self.consumer, queue = %dead.exchange(), %reason, attempts, "message dead-lettered");
+        true
     }
 
     /// The message id and decoded body, or why the delivery can never be applied.
@@ -232,11 +228,12 @@ where
     }
 
     /// Applies one message, retrying transient failures without counting and handler
-    /// failures up to `max_attempts` (`failures` of them happened already).
+    /// failures up to `max_attempts` (`failures` of them happened already); at shutdown it
+    /// stops retrying and abandons the delivery.
     async fn verdict(&self, message: &Incoming<T>, mut failures: u32) -> Verdict {
         let mut delays = self.retry.build();
-        if failures > 0 {
-            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+        if failures > 0 && !self.pause(&mut delays).await {
+            return Verdict::Abandoned;
         }
         loop {
             match self.apply(message).await {
@@ -256,14 +253,39 @@ where
                     }
                 }
             }
-            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+            if !self.pause(&mut delays).await {
+                return Verdict::Abandoned;
+            }
         }
     }
 
-    /// Records the message and runs the handler in one transaction; `false` if it was
-    /// recorded already (nothing is run).
+    /// Waits out the next retry delay; `false` if shutdown came first.
+    async fn pause(&self, delays: &mut impl Iterator<Item = Duration>) -> bool {
+        let delay = delays.next().unwrap_or(Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => !self.shutdown.is_cancelled(),
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// Records the message and runs the handler in one transaction, within the transaction
+    /// timeout (waiting for the connection has one of its own); `false` if it was recorded
+    /// already (nothing is run).
     async fn apply(&self, message: &Incoming<T>) -> Result<bool, ApplyError> {
-        let mut tx = self.pool.begin().await.map_err(ApplyError::Database)?;
+        let mut conn = self.acquire().await?;
+        let work = self.apply_in(&mut conn, message);
+        let outcome = tokio::time::timeout(self.transaction_timeout, work).await;
+        outcome.unwrap_or_else(|_| Err(self.expired(&mut conn)))
+    }
+
+    async fn apply_in(
+        &self,
+        conn: &mut PgConnection,
+        message: &Incoming<T>,
+    ) -> Result<bool, ApplyError> {
+        let mut tx = sqlx::Connection::begin(conn)
+            .await
+            .map_err(ApplyError::Database)?;
         let fresh = sqlx::query(self.record.clone())
             .bind(&self.consumer)
             .bind(&message.message_id)
@@ -279,20 +301,33 @@ where
             .handle(&mut tx, message)
             .await
             .map_err(ApplyError::Handler)?;
+        self.check_recorded(&mut tx, std::slice::from_ref(&message.message_id))
+            .await?;
         tx.commit().await.map_err(ApplyError::Database)?;
         Ok(true)
     }
 
     /// Records every message of the batch in one statement and runs the handler for those
-    /// not recorded before, all in one transaction; says for each whether it was applied
-    /// (the first delivery of an id applies it, any other is a duplicate). An error names
-    /// the message whose handler failed, if one did.
+    /// not recorded before, all in one transaction within the transaction timeout; says for
+    /// each whether it was applied (the first delivery of an id applies it, any other is a
+    /// duplicate). An error names the message whose handler failed, if one did.
     async fn apply_batch(
         &self,
         batch: &[(Delivery, Incoming<T>)],
     ) -> Result<Vec<bool>, (Option<usize>, ApplyError)> {
+        let mut conn = self.acquire().await.map_err(|e| (None, e))?;
+        let work = self.apply_batch_in(&mut conn, batch);
+        let outcome = tokio::time::timeout(self.transaction_timeout, work).await;
+        outcome.unwrap_or_else(|_| Err((None, self.expired(&mut conn))))
+    }
+
+    async fn apply_batch_in(
+        &self,
+        conn: &mut PgConnection,
+        batch: &[(Delivery, Incoming<T>)],
+    ) -> Result<Vec<bool>, (Option<usize>, ApplyError)> {
         let database = |e| (None, ApplyError::Database(e));
-        let mut tx = self.pool.begin().await.map_err(database)?;
+        let mut tx = sqlx::Connection::begin(conn).await.map_err(database)?;
         let ids: Vec<&str> = batch.iter().map(|(_, m)| m.message_id.as_str()).collect();
         let mut fresh: HashSet<String> = sqlx::query_scalar(self.record_many.clone())
             .bind(&self.consumer)
@@ -302,68 +337,70 @@ where
             .map_err(database)?
             .into_iter()
             .collect();
+        let recorded: Vec<String> = fresh.iter().cloned().collect();
         let mut applied = Vec::with_capacity(batch.len());
         for (at, (_, message)) in batch.iter().enumerate() {
             let is_fresh = fresh.remove(&message.message_id);
             if is_fresh {
-                self.handler
-                    .handle(&mut tx, message)
-                    .await
-                    .map_err(|e| (Some(at), ApplyError::Handler(e)))?;
+                self.handler.handle(&mut tx, message).await.map_err(|e| {
+                    // The transaction was aborted by an earlier statement, perhaps another handler's.
+                    if failed_earlier(&e) {
+                        (None, ApplyError::Aborted)
+                    } else {
+                        (Some(at), ApplyError::Handler(e))
+                    }
+                })?;
             }
             applied.push(is_fresh);
         }
+        self.check_recorded(&mut tx, &recorded)
+            .await
+            .map_err(|e| (None, e))?;
         tx.commit().await.map_err(database)?;
         Ok(applied)
     }
 
-    /// Publishes a copy to the dead-letter exchange with the reason and attempts in its
-    /// headers, waiting for the confirm. One at a time: returns are then unambiguous.
-    async fn dead_letter(
+    /// Before COMMIT: the transaction is alive and still holds the `ids` it recorded (each
+    /// once). A
+    /// handler that swallowed an SQL error leaves a PostgreSQL transaction aborted (its
+    /// COMMIT rolls back, yet reports success), or, on MySQL, rolled back with the later
+    /// statements autocommitted; either way the message must not be acked.
+    async fn check_recorded(
         &self,
-        delivery: &Delivery,
-        dead: &Mutex<Channel>,
-        reason: &str,
-        attempts: u32,
-    ) -> Result<(), String> {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            "x-outbox-error".into(),
-            AMQPValue::LongString(LongString::from(reason)),
-        );
-        headers.insert(
-            "x-outbox-attempts".into(),
-            AMQPValue::LongLongInt(attempts.into()),
-        );
-        headers.insert(
-            "x-outbox-consumer".into(),
-            AMQPValue::LongString(LongString::from(self.consumer.as_str())),
-        );
-        headers.insert(
-            "x-outbox-routing-key".into(),
-            AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
-        );
-        let props = delivery.properties.clone().with_headers(headers);
-        let channel = dead.lock().await;
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
-        let confirm = channel
-            .basic_publish(
-                self.dead_exchange.as_str().into(),
-                self.queue.as_str().into(),
-                options,
-                &delivery.data,
-                props,
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            other => Err(format!("dead-letter queue refused the message: {other:?}")),
+        tx: &mut PgConnection,
+        ids: &[String],
+    ) -> Result<(), ApplyError> {
+        let found = sqlx::query_scalar::<_, i64>(self.recorded.clone())
+            .bind(&self.consumer)
+            .bind(ids)
+            .fetch_one(tx)
+            .await;
+        match found {
+            Ok(n) if n == ids.len() as i64 => Ok(()),
+            Err(e) if is_retryable_db(&e) => Err(ApplyError::Database(e)),
+            _ => Err(ApplyError::Aborted),
         }
+    }
+
+    /// A connection for one transaction, within the transaction timeout (the transaction
+    /// then has its own); none once shutdown has come (a database that is down would hold
+    /// the consumer that long).
+    async fn acquire(&self) -> Result<PoolConnection<Postgres>, ApplyError> {
+        let acquire = tokio::time::timeout(self.transaction_timeout, self.pool.acquire());
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Err(ApplyError::Stopped),
+            acquired = acquire => match acquired {
+                Ok(conn) => conn.map_err(ApplyError::Database),
+                Err(_) => Err(ApplyError::Timeout(self.transaction_timeout)),
+            },
+        }
+    }
+
+    /// The transaction ran out of time: its connection may never answer again, so it is
+    /// closed instead of returned to the pool (whose liveness check has no timeout).
+    fn expired(&self, conn: &mut PoolConnection<Postgres>) -> ApplyError {
+        conn.close_on_drop();
+        ApplyError::Timeout(self.transaction_timeout)
     }
 }

@@ -14,12 +14,23 @@
 //! message goes to the dead-letter queue `<queue>.dead` with the error and the attempt count
 //! in its headers (`x-outbox-error`, `x-outbox-attempts`); a delivery without a message id
 //! or whose body is not the expected JSON goes there at once. Transient database errors
-//! (serialization failures, deadlocks, lost connections) are retried without counting.
+//! (serialization failures, deadlocks, lost connections, a transaction past
+//! `transaction_timeout`) are retried without counting.
+//!
+//! Nothing is acked unless its effects committed: before COMMIT the transaction must still
+//! hold the inbox records it made. A handler that swallowed an SQL error (PostgreSQL then
+//! answers the COMMIT with a rollback) fails that check, and the attempt counts as a failed
+//! handler.
+//!
+//! At shutdown no new attempt starts and retry delays end; a transaction under way finishes
+//! within `transaction_timeout`. What was not acked is redelivered by the broker.
 //!
 //! The consumer opens its own AMQP connections, never the relay's: RabbitMQ blocks
 //! publishing connections during resource alarms, and acks must keep flowing. Dead letters
 //! are published on a second connection for the same reason.
 
+mod apply_error;
+mod dead_letter;
 mod delivery;
 mod session;
 
@@ -98,6 +109,11 @@ pub struct ConsumerConfig {
     pub retry_min: Duration,
     /// Cap of the retry delay (default 5 s).
     pub retry_max: Duration,
+    /// One inbox transaction at most: begin, record, handler, check and commit (default
+    /// 30 s). One that runs out is rolled back, its connection closed (not returned to the
+    /// pool), and retried without counting, like a lost connection. Waiting for a pool
+    /// connection is bounded by it too, separately; so is each statement of the inbox purge.
+    pub transaction_timeout: Duration,
     /// How long applied message ids are remembered (default 7 days). A message replayed
     /// after this window is applied again.
     pub dedup_window: Duration,
@@ -127,6 +143,7 @@ impl ConsumerConfig {
             max_attempts: 5,
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
+            transaction_timeout: Duration::from_secs(30),
             dedup_window: Duration::from_secs(7 * 24 * 3600),
             table: TableName::default(),
             queue_ttl: None,

@@ -6,16 +6,16 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection, ExchangeKind};
+use lapin::{Channel, Connection, Consumer, ExchangeKind};
 use serde::de::DeserializeOwned;
-use sqlx::{AssertSqlSafe, PgPool};
-use tokio::sync::Mutex;
+use sqlx::{AssertSqlSafe, PgPool, SqlSafeStr, SqlStr};
 use tokio_util::sync::CancellationToken;
 
+use super::dead_letter::DeadLetters;
 use super::delivery::Context;
 use super::{ConsumerConfig, Handler, QueueType};
 use crate::broker::{closed, connect, reconnect_backoff};
@@ -36,7 +36,7 @@ pub async fn consume<T, H>(
     H: Handler<T>,
 {
     let purge = tokio::spawn(purge_inbox(pool.clone(), config.clone(), shutdown.clone()));
-    let ctx = Arc::new(Context::new(pool, &config, handler));
+    let ctx = Arc::new(Context::new(pool, &config, handler, shutdown.clone()));
     let mut backoff = reconnect_backoff();
     let mut next = 0;
     while !shutdown.is_cancelled() {
@@ -44,13 +44,6 @@ pub async fn consume<T, H>(
         next += 1;
         let opened =
             tokio::time::timeout(config.connect_timeout, Session::open(url, &config)).await;
-        let timed_out = || {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer within the connect timeout",
-            )
-            .into()
-        };
         match opened.unwrap_or_else(|_| Err(timed_out())) {
             Ok(session) => {
                 tracing::info!(consumer = %config.consumer, queue = %config.queue, node = %redact(url), "consuming");
@@ -71,6 +64,15 @@ pub async fn consume<T, H>(
     purge.abort();
 }
 
+/// The error of a broker operation that got no answer within the connect timeout.
+fn timed_out() -> lapin::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no answer within the connect timeout",
+    )
+    .into()
+}
+
 /// The consuming connection, and a second one for dead letters (publishing connections are
 /// blocked during alarms; acks must not be).
 struct Session {
@@ -78,13 +80,13 @@ struct Session {
     conn: Connection,
     /// The consuming channel.
     channel: Channel,
-    /// Dead letters; its confirm channel is used one publish at a time.
-    _dead_conn: Connection,
-    /// Confirm-mode channel for dead letters.
-    dead: Arc<Mutex<Channel>>,
+    /// Dead letters, on their own connection.
+    dead: DeadLetters,
 }
 
 impl Session {
+    /// Connects, declares the topology and opens the dead-letter connection; the caller
+    /// bounds all of it with the connect timeout.
     async fn open(url: &str, config: &ConsumerConfig) -> Result<Self, lapin::Error> {
         let conn = connect(url).await?;
         let channel = conn.create_channel().await?;
@@ -92,19 +94,16 @@ impl Session {
             .basic_qos(config.prefetch, BasicQosOptions::default())
             .await?;
         declare(&channel, config).await?;
-        let dead_conn = connect(url).await?;
-        let dead = dead_conn.create_channel().await?;
-        dead.confirm_select(ConfirmSelectOptions::default()).await?;
+        let dead = DeadLetters::open(url, config).await?;
         Ok(Session {
             conn,
             channel,
-            _dead_conn: dead_conn,
-            dead: Arc::new(Mutex::new(dead)),
+            dead,
         })
     }
 
-    /// Handles deliveries until the connection is lost or `shutdown`; in-flight deliveries
-    /// finish first.
+    /// Handles deliveries until either connection is lost or `shutdown`; in-flight
+    /// deliveries finish first (at shutdown they stop retrying).
     async fn consume<T, H>(
         self,
         ctx: &Arc<Context<T, H>>,
@@ -114,47 +113,64 @@ impl Session {
         T: DeserializeOwned + Send + Sync + 'static,
         H: Handler<T>,
     {
+        if let Some(consumer) = self.start(config).await {
+            consumer
+                .take_until(self.ended(config, shutdown))
+                .ready_chunks(config.batch.max(1))
+                .for_each_concurrent(config.concurrency.max(1), |chunk| async {
+                    let mut deliveries = Vec::with_capacity(chunk.len());
+                    for delivery in chunk {
+                        match delivery {
+                            Ok(delivery) => deliveries.push(delivery),
+                            Err(e) => tracing::warn!(consumer = %config.consumer, error = %e, "delivery stream failed"),
+                        }
+                    }
+                    ctx.process(deliveries, &self.dead).await;
+                })
+                .await;
+        }
+        self.close(config).await;
+    }
+
+    /// `basic.consume` on the queue, within the connect timeout.
+    async fn start(&self, config: &ConsumerConfig) -> Option<Consumer> {
         let tag = format!("{}-{}", config.consumer, uuid::Uuid::new_v4().simple());
-        let consumer = match self
-            .channel
-            .basic_consume(
-                config.queue.as_str().into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(consumer) => consumer,
+        let consume = self.channel.basic_consume(
+            config.queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        let started = tokio::time::timeout(config.connect_timeout, consume).await;
+        match started.unwrap_or_else(|_| Err(timed_out())) {
+            Ok(consumer) => Some(consumer),
             Err(e) => {
                 tracing::warn!(consumer = %config.consumer, error = %e, "basic.consume failed");
-                return;
+                None
             }
-        };
-        consumer
-            .take_until(async {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = closed(&self.conn) => tracing::warn!(consumer = %config.consumer, "consumer connection closed: reconnecting"),
-                }
-            })
-            .ready_chunks(config.batch.max(1))
-            .for_each_concurrent(config.concurrency.max(1), |chunk| async {
-                let mut deliveries = Vec::with_capacity(chunk.len());
-                for delivery in chunk {
-                    match delivery {
-                        Ok(delivery) => deliveries.push(delivery),
-                        Err(e) => tracing::warn!(consumer = %config.consumer, error = %e, "delivery stream failed"),
-                    }
-                }
-                ctx.process(deliveries, &self.dead).await;
-            })
-            .await;
-        let _ = self.conn.close(200, "consumer stopping".into()).await;
+        }
+    }
+
+    /// Resolves at shutdown, or when either connection closes (the session then reconnects).
+    async fn ended(&self, config: &ConsumerConfig, shutdown: &CancellationToken) {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = closed(&self.conn) => tracing::warn!(consumer = %config.consumer, "consumer connection closed: reconnecting"),
+            _ = self.dead.closed() => tracing::warn!(consumer = %config.consumer, "dead-letter connection closed: reconnecting"),
+        }
+    }
+
+    /// Closes both connections politely, within the connect timeout; unacked deliveries go
+    /// back to the queue.
+    async fn close(&self, config: &ConsumerConfig) {
+        let consuming = self.conn.close(200, "consumer stopping".into());
+        let both = futures_util::future::join(consuming, self.dead.close());
+        let _ = tokio::time::timeout(config.connect_timeout, both).await;
     }
 }
 
-/// The queue, its dead-letter exchange and queue, and its bindings.
+/// The queue, its dead-letter exchange and queue, and its bindings (within the connect
+/// timeout, as all of [`Session::open`] is).
 async fn declare(channel: &Channel, config: &ConsumerConfig) -> Result<(), lapin::Error> {
     let dead = config.dead_letter_queue();
     let durable = ExchangeDeclareOptions {
@@ -248,21 +264,36 @@ async fn purge_inbox(pool: PgPool, config: ConsumerConfig, shutdown: Cancellatio
               AND received_at < now() - $2 * interval '1 millisecond' LIMIT $3)",
         t = config.table
     );
+    let sql = AssertSqlSafe(sql).into_sql_str();
     let every = (config.dedup_window / 2).clamp(Duration::from_secs(1), Duration::from_secs(3600));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
-        let mut deleted = PURGE_BATCH as u64;
-        while deleted == PURGE_BATCH as u64 {
-            deleted = sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(&config.consumer)
-                .bind(config.dedup_window.as_millis() as i64)
-                .bind(PURGE_BATCH)
-                .execute(&pool)
-                .await
-                .map_or(0, |r| r.rows_affected());
+        while purge_batch(&pool, &sql, &config).await == PURGE_BATCH as u64 {}
+    }
+}
+
+/// One purge statement within the transaction timeout (waiting for its connection has one
+/// of its own); the rows it deleted (none if it failed). A connection that did not answer in
+/// time is closed, not returned to the pool.
+async fn purge_batch(pool: &PgPool, sql: &SqlStr, config: &ConsumerConfig) -> u64 {
+    let limit = config.transaction_timeout;
+    let Ok(Ok(mut conn)) = tokio::time::timeout(limit, pool.acquire()).await else {
+        return 0;
+    };
+    let delete = sqlx::query(sql.clone())
+        .bind(&config.consumer)
+        .bind(config.dedup_window.as_millis() as i64)
+        .bind(PURGE_BATCH)
+        .execute(&mut *conn);
+    match tokio::time::timeout(limit, delete).await {
+        Ok(deleted) => deleted.map_or(0, |r| r.rows_affected()),
+        Err(_) => {
+            conn.close_on_drop();
+            tracing::warn!(consumer = %config.consumer, "inbox purge timed out");
+            0
         }
     }
 }
