@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,9 +23,6 @@ use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnection, PgPoolOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -789,7 +786,7 @@ async fn a_consumer_whose_database_is_down_stops_at_shutdown_and_leaves_the_mess
 async fn a_transaction_on_a_frozen_connection_is_abandoned_and_retried_on_a_new_one() {
     let mut s = setup().await;
     s.config.transaction_timeout = Duration::from_secs(1);
-    let proxy = Arc::new(Freezer::start(database_addr(&s.db.url).await).await);
+    let proxy = Arc::new(Proxy::start(database_addr(&s.db.url).await).await);
     let mut through = url::Url::parse(&s.db.url).unwrap();
     through.set_port(Some(proxy.addr.port())).unwrap();
     through.set_host(Some("127.0.0.1")).unwrap();
@@ -803,7 +800,7 @@ async fn a_transaction_on_a_frozen_connection_is_abandoned_and_retried_on_a_new_
     let handler = Effects {
         hook: Some(Arc::new(move |msg, call| {
             if msg.message_id == "victim" && call == 1 {
-                freeze.freeze(); // the check and the COMMIT never reach the database
+                freeze.freeze_open(); // the check and the COMMIT never reach the database
             }
             Ok(())
         })),
@@ -832,61 +829,4 @@ async fn database_addr(url: &str) -> SocketAddr {
         .unwrap()
         .next()
         .unwrap()
-}
-
-/// A TCP proxy whose `freeze` stops the connections open now for good: what they read is
-/// dropped (as by a network that lost its route), while an end of stream still closes both
-/// sides. Connections opened later pass freely.
-struct Freezer {
-    /// Where clients connect instead of the target.
-    addr: SocketAddr,
-    /// Each connection's frozen flag.
-    links: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
-}
-
-impl Freezer {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let links: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
-        let registry = links.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let frozen = Arc::new(AtomicBool::new(false));
-                registry.lock().unwrap().push(frozen.clone());
-                tokio::spawn(link(client, target, frozen));
-            }
-        });
-        Freezer { addr, links }
-    }
-
-    /// Freezes every connection open now.
-    fn freeze(&self) {
-        for frozen in self.links.lock().unwrap().iter() {
-            frozen.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Connects `client` to `target` and passes bytes both ways until either side ends.
-async fn link(client: TcpStream, target: SocketAddr, frozen: Arc<AtomicBool>) {
-    let Ok(server) = TcpStream::connect(target).await else {
-        return;
-    };
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
-    tokio::select! {
-        _ = pass(client_read, server_write, &frozen) => {}
-        _ = pass(server_read, client_write, &frozen) => {}
-    }
-}
-
-/// Passes what `from` reads to `to` unless frozen (then drops it), until the end of `from`.
-async fn pass(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, frozen: &AtomicBool) {
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n @ 1..) = from.read(&mut buf).await {
-        if !frozen.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
 }

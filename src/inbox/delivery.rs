@@ -47,6 +47,10 @@ pub(super) struct Context<T, H> {
     /// Counts the given ids' inbox rows: run before COMMIT, it finds those this transaction
     /// recorded only if the transaction is still alive.
     recorded: SqlStr,
+    /// Starts a transaction that the database ends if it sits idle for the transaction
+    /// timeout: one frozen with its client (a NAT forgot the flow) would otherwise hold its
+    /// inbox rows' locks, and its message's redelivery would wait on them, for hours.
+    begin: SqlStr,
     /// The service's handler.
     handler: H,
     /// Handler attempts before dead-lettering.
@@ -82,12 +86,17 @@ where
         );
         let recorded =
             format!("SELECT count(*) FROM {t}_inbox WHERE consumer = $1 AND message_id = ANY($2)");
+        let begin = format!(
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}",
+            config.transaction_timeout.as_millis().max(1)
+        );
         Context {
             pool,
             consumer: config.consumer.clone(),
             record: AssertSqlSafe(record).into_sql_str(),
             record_many: AssertSqlSafe(record_many).into_sql_str(),
             recorded: AssertSqlSafe(recorded).into_sql_str(),
+            begin: AssertSqlSafe(begin).into_sql_str(),
             handler,
             max_attempts: config.max_attempts.max(1),
             retry: ExponentialBuilder::default()
@@ -283,7 +292,7 @@ where
         conn: &mut PgConnection,
         message: &Incoming<T>,
     ) -> Result<bool, ApplyError> {
-        let mut tx = sqlx::Connection::begin(conn)
+        let mut tx = sqlx::Connection::begin_with(conn, self.begin.clone())
             .await
             .map_err(ApplyError::Database)?;
         let fresh = sqlx::query(self.record.clone())
@@ -327,7 +336,9 @@ where
         batch: &[(Delivery, Incoming<T>)],
     ) -> Result<Vec<bool>, (Option<usize>, ApplyError)> {
         let database = |e| (None, ApplyError::Database(e));
-        let mut tx = sqlx::Connection::begin(conn).await.map_err(database)?;
+        let mut tx = sqlx::Connection::begin_with(conn, self.begin.clone())
+            .await
+            .map_err(database)?;
         let ids: Vec<&str> = batch.iter().map(|(_, m)| m.message_id.as_str()).collect();
         let mut fresh: HashSet<String> = sqlx::query_scalar(self.record_many.clone())
             .bind(&self.consumer)

@@ -1,8 +1,8 @@
 //! A TCP proxy in front of one service, for faults: `sever` cuts every open flow at once,
 //! `delay` slows every chunk down, and the
 //! freezes emulate a NAT that forgot a flow or a host that vanished: `freeze_idle` freezes
-//! flows once they go quiet, `freeze_all` freezes every flow, `freeze_new` the flows opened
-//! from then on, and `thaw` lets through what they held. `refuse` plays a service that is
+//! flows once they go quiet, `freeze_all` freezes every flow, `freeze_open` the flows open
+//! now, `freeze_new` the flows opened from then on, and `thaw` lets through what they held. `refuse` plays a service that is
 //! down.
 //!
 //! A frozen flow passes nothing in either direction, not even a close, and closes nothing:
@@ -225,6 +225,15 @@ impl Proxy {
     /// Freezes every flow, open and new; new ones are accepted but not connected to the target.
     pub fn freeze_all(&self) {
         self.shared.update(|s| s.refreeze(Freeze::All));
+    }
+
+    /// Freezes every flow open now; new ones pass.
+    pub fn freeze_open(&self) {
+        self.shared.update(|s| {
+            for flow in s.flows.values_mut() {
+                flow.frozen = true;
+            }
+        });
     }
 
     /// Freezes every flow accepted from now on; open ones are left alone.
