@@ -76,11 +76,7 @@ async fn the_relay_fails_over_when_nodes_of_the_cluster_are_lost() {
     // The relay reaches each node through a fault proxy of its own.
     let mut proxies = Vec::new();
     for url in &urls {
-        let port = url
-            .split(':')
-            .nth(2)
-            .and_then(|p| p.split('/').next())
-            .unwrap();
+        let port = url::Url::parse(url).unwrap().port().unwrap();
         proxies.push(Proxy::start(format!("127.0.0.1:{port}").parse().unwrap()).await);
     }
     let amqp: Vec<String> = proxies
