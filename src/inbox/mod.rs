@@ -22,6 +22,9 @@
 //! answers the COMMIT with a rollback) fails that check, and the attempt counts as a failed
 //! handler.
 //!
+//! [`consume`] takes a `sqlx::Pool` of a supported backend (see [`Database`]); a
+//! [`Handler`] is for PostgreSQL unless it names the backend.
+//!
 //! At shutdown no new attempt starts and retry delays end; a transaction under way finishes
 //! within `transaction_timeout`. What was not acked is redelivered by the broker.
 //!
@@ -30,18 +33,24 @@
 //! are published on a second connection for the same reason.
 
 mod apply_error;
+mod database;
 mod dead_letter;
 mod delivery;
 mod session;
 
+pub use database::Database;
 pub use session::consume;
 
 use std::future::Future;
 use std::time::Duration;
 
-use sqlx::postgres::PgConnection;
-
 use crate::TableName;
+
+/// The backend a [`Handler`] is for unless it says otherwise.
+#[cfg(feature = "postgres")]
+type DefaultDatabase = sqlx::Postgres;
+#[cfg(not(feature = "postgres"))]
+type DefaultDatabase = sqlx::MySql;
 
 /// What a handler may fail with; a retryable `sqlx::Error` inside is not the message's fault.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,13 +70,15 @@ pub struct Incoming<T> {
     pub body: T,
 }
 
-/// Applies one message's effects inside the inbox transaction.
-pub trait Handler<T>: Send + Sync + 'static {
+/// Applies one message's effects inside the inbox transaction, on the database `DB`
+/// (PostgreSQL unless it says otherwise: `impl Handler<T, sqlx::MySql> for ...` gets a
+/// `&mut MySqlConnection`).
+pub trait Handler<T, DB: Database = DefaultDatabase>: Send + Sync + 'static {
     /// Writes the message's effects through `tx`; the inbox commits them with the record of
     /// the message, or rolls both back on error.
     fn handle<'a>(
         &'a self,
-        tx: &'a mut PgConnection,
+        tx: &'a mut DB::Connection,
         message: &'a Incoming<T>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
 }
