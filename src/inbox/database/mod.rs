@@ -1,6 +1,8 @@
 //! What the inbox asks of its database: the statements and behaviours that differ between
 //! PostgreSQL and MySQL, behind one sealed trait. Delivery, retries and sessions are shared.
 
+#[cfg(feature = "mysql")]
+mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
 
