@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::HandlerError;
-use crate::error::is_retryable_db;
+use super::database::Backend;
 
 /// Why an attempt failed.
 pub(super) enum ApplyError {
@@ -20,14 +20,20 @@ pub(super) enum ApplyError {
 }
 
 impl ApplyError {
-    /// Not the message's fault: retried without counting an attempt.
-    pub(super) fn is_transient(&self) -> bool {
+    /// Not the message's fault (judged as `DB` judges its errors): retried without
+    /// counting an attempt.
+    pub(super) fn is_transient<DB: Backend>(&self) -> bool {
         match self {
-            ApplyError::Database(e) => is_retryable_db(e),
+            ApplyError::Database(e) => DB::is_transient(e),
             ApplyError::Handler(e) => {
-                e.downcast_ref::<sqlx::Error>().is_some_and(is_retryable_db)
-                    || e.downcast_ref::<crate::Error>()
-                        .is_some_and(crate::Error::is_retryable)
+                if let Some(e) = e.downcast_ref::<sqlx::Error>() {
+                    return DB::is_transient(e);
+                }
+                match e.downcast_ref::<crate::Error>() {
+                    Some(crate::Error::Database(e)) => DB::is_transient(e),
+                    Some(e) => e.is_retryable(),
+                    None => false,
+                }
             }
             ApplyError::Aborted => false,
             ApplyError::Timeout(_) | ApplyError::Stopped => true,
@@ -51,10 +57,9 @@ impl std::fmt::Display for ApplyError {
     }
 }
 
-/// PostgreSQL's "current transaction is aborted": an earlier statement of the transaction
-/// failed, so the handler that reports it is not necessarily the one to blame.
-pub(super) fn failed_earlier(e: &HandlerError) -> bool {
+/// An earlier statement of the transaction failed (PostgreSQL's "current transaction is
+/// aborted"), so the handler that reports it is not necessarily the one to blame.
+pub(super) fn failed_earlier<DB: Backend>(e: &HandlerError) -> bool {
     e.downcast_ref::<sqlx::Error>()
-        .and_then(|e| e.as_database_error())
-        .is_some_and(|db| db.code().as_deref() == Some("25P02"))
+        .is_some_and(DB::failed_earlier)
 }

@@ -8,15 +8,13 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde::de::DeserializeOwned;
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::PgConnection;
-use sqlx::{AssertSqlSafe, PgPool, Postgres, SqlSafeStr, SqlStr};
+use sqlx::Pool;
 use tokio_util::sync::CancellationToken;
 
 use super::apply_error::{ApplyError, failed_earlier};
+use super::database::{Database, Leased};
 use super::dead_letter::DeadLetters;
 use super::{ConsumerConfig, Handler, Incoming};
-use crate::error::is_retryable_db;
 use crate::metrics as m;
 
 /// How long an ack or nack may take before the connection is presumed gone.
@@ -35,22 +33,13 @@ enum Verdict {
 }
 
 /// What every delivery of one consumer shares.
-pub(super) struct Context<T, H> {
+pub(super) struct Context<DB: Database, T, H> {
     /// The service's database.
-    pool: PgPool,
+    pool: Pool<DB>,
     /// The consumer's name in the inbox.
     consumer: String,
-    /// `INSERT ... ON CONFLICT DO NOTHING` of one message id into the inbox table.
-    record: SqlStr,
-    /// The same for many ids, returning those inserted now.
-    record_many: SqlStr,
-    /// Counts the given ids' inbox rows: run before COMMIT, it finds those this transaction
-    /// recorded only if the transaction is still alive.
-    recorded: SqlStr,
-    /// Starts a transaction that the database ends if it sits idle for the transaction
-    /// timeout: one frozen with its client (a NAT forgot the flow) would otherwise hold its
-    /// inbox rows' locks, and its message's redelivery would wait on them, for hours.
-    begin: SqlStr,
+    /// The inbox's statements on this backend.
+    sql: DB::Statements,
     /// The service's handler.
     handler: H,
     /// Handler attempts before dead-lettering.
@@ -65,38 +54,22 @@ pub(super) struct Context<T, H> {
     _body: PhantomData<fn() -> T>,
 }
 
-impl<T, H> Context<T, H>
+impl<DB, T, H> Context<DB, T, H>
 where
+    DB: Database,
     T: DeserializeOwned + Send + Sync + 'static,
-    H: Handler<T>,
+    H: Handler<T, DB>,
 {
     pub(super) fn new(
-        pool: PgPool,
+        pool: Pool<DB>,
         config: &ConsumerConfig,
         handler: H,
         shutdown: CancellationToken,
     ) -> Self {
-        let t = &config.table;
-        let record = format!(
-            "INSERT INTO {t}_inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
-        );
-        let record_many = format!(
-            "INSERT INTO {t}_inbox (consumer, message_id) SELECT $1, unnest($2::text[])
-             ON CONFLICT DO NOTHING RETURNING message_id"
-        );
-        let recorded =
-            format!("SELECT count(*) FROM {t}_inbox WHERE consumer = $1 AND message_id = ANY($2)");
-        let begin = format!(
-            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}",
-            config.transaction_timeout.as_millis().max(1)
-        );
         Context {
             pool,
             consumer: config.consumer.clone(),
-            record: AssertSqlSafe(record).into_sql_str(),
-            record_many: AssertSqlSafe(record_many).into_sql_str(),
-            recorded: AssertSqlSafe(recorded).into_sql_str(),
-            begin: AssertSqlSafe(begin).into_sql_str(),
+            sql: DB::statements(config),
             handler,
             max_attempts: config.max_attempts.max(1),
             retry: ExponentialBuilder::default()
@@ -145,7 +118,7 @@ where
                 Err((failed, e)) => {
                     tracing::debug!(consumer = %self.consumer, error = %e, "batch rolled back: applying its messages one by one");
                     // The message whose handler failed has had its first attempt.
-                    if let Some(at) = failed.filter(|_| !e.is_transient()) {
+                    if let Some(at) = failed.filter(|_| !e.is_transient::<DB>()) {
                         self.count_failure(&parsed[at].1, &e, 1);
                         first_failed = Some(at);
                     }
@@ -248,7 +221,7 @@ where
             match self.apply(message).await {
                 Ok(true) => return Verdict::Applied,
                 Ok(false) => return Verdict::Duplicate,
-                Err(e) if e.is_transient() => {
+                Err(e) if e.is_transient::<DB>() => {
                     tracing::debug!(consumer = %self.consumer, message_id = %message.message_id, error = %e, "transient failure: retrying");
                 }
                 Err(e) => {
@@ -282,27 +255,27 @@ where
     /// already (nothing is run).
     async fn apply(&self, message: &Incoming<T>) -> Result<bool, ApplyError> {
         let mut conn = self.acquire().await?;
-        let work = self.apply_in(&mut conn, message);
+        let work = async {
+            let applied = self.apply_in(&mut conn, message).await;
+            conn.reset(&self.sql).await;
+            applied
+        };
+        // Out of time, `conn` is dropped without its reset, so it is closed (see `Leased`).
         let outcome = tokio::time::timeout(self.transaction_timeout, work).await;
-        outcome.unwrap_or_else(|_| Err(self.expired(&mut conn)))
+        outcome.unwrap_or(Err(ApplyError::Timeout(self.transaction_timeout)))
     }
 
     async fn apply_in(
         &self,
-        conn: &mut PgConnection,
+        conn: &mut DB::Connection,
         message: &Incoming<T>,
     ) -> Result<bool, ApplyError> {
-        let mut tx = sqlx::Connection::begin_with(conn, self.begin.clone())
+        let mut tx = DB::begin(conn, &self.sql)
             .await
             .map_err(ApplyError::Database)?;
-        let fresh = sqlx::query(self.record.clone())
-            .bind(&self.consumer)
-            .bind(&message.message_id)
-            .execute(&mut *tx)
+        let fresh = DB::record(&mut tx, &self.sql, &self.consumer, &message.message_id)
             .await
-            .map_err(ApplyError::Database)?
-            .rows_affected()
-            == 1;
+            .map_err(ApplyError::Database)?;
         if !fresh {
             return Ok(false);
         }
@@ -316,38 +289,40 @@ where
         Ok(true)
     }
 
-    /// Records every message of the batch in one statement and runs the handler for those
-    /// not recorded before, all in one transaction within the transaction timeout; says for
-    /// each whether it was applied (the first delivery of an id applies it, any other is a
-    /// duplicate). An error names the message whose handler failed, if one did.
+    /// Records every message of the batch and runs the handler for those not recorded
+    /// before, all in one transaction within the transaction timeout; says for each whether
+    /// it was applied (the first delivery of an id applies it, any other is a duplicate). An
+    /// error names the message whose handler failed, if one did.
     async fn apply_batch(
         &self,
         batch: &[(Delivery, Incoming<T>)],
     ) -> Result<Vec<bool>, (Option<usize>, ApplyError)> {
         let mut conn = self.acquire().await.map_err(|e| (None, e))?;
-        let work = self.apply_batch_in(&mut conn, batch);
+        let work = async {
+            let applied = self.apply_batch_in(&mut conn, batch).await;
+            conn.reset(&self.sql).await;
+            applied
+        };
         let outcome = tokio::time::timeout(self.transaction_timeout, work).await;
-        outcome.unwrap_or_else(|_| Err((None, self.expired(&mut conn))))
+        outcome.unwrap_or(Err((None, ApplyError::Timeout(self.transaction_timeout))))
     }
 
     async fn apply_batch_in(
         &self,
-        conn: &mut PgConnection,
+        conn: &mut DB::Connection,
         batch: &[(Delivery, Incoming<T>)],
     ) -> Result<Vec<bool>, (Option<usize>, ApplyError)> {
         let database = |e| (None, ApplyError::Database(e));
-        let mut tx = sqlx::Connection::begin_with(conn, self.begin.clone())
+        let mut tx = DB::begin(conn, &self.sql).await.map_err(database)?;
+        let mut distinct = HashSet::new();
+        let ids: Vec<&str> = batch
+            .iter()
+            .map(|(_, m)| m.message_id.as_str())
+            .filter(|id| distinct.insert(*id))
+            .collect();
+        let mut fresh = DB::record_all(&mut tx, &self.sql, &self.consumer, &ids)
             .await
             .map_err(database)?;
-        let ids: Vec<&str> = batch.iter().map(|(_, m)| m.message_id.as_str()).collect();
-        let mut fresh: HashSet<String> = sqlx::query_scalar(self.record_many.clone())
-            .bind(&self.consumer)
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(database)?
-            .into_iter()
-            .collect();
         let recorded: Vec<String> = fresh.iter().cloned().collect();
         let mut applied = Vec::with_capacity(batch.len());
         for (at, (_, message)) in batch.iter().enumerate() {
@@ -355,7 +330,7 @@ where
             if is_fresh {
                 self.handler.handle(&mut tx, message).await.map_err(|e| {
                     // The transaction was aborted by an earlier statement, perhaps another handler's.
-                    if failed_earlier(&e) {
+                    if failed_earlier::<DB>(&e) {
                         (None, ApplyError::Aborted)
                     } else {
                         (Some(at), ApplyError::Handler(e))
@@ -372,23 +347,18 @@ where
     }
 
     /// Before COMMIT: the transaction is alive and still holds the `ids` it recorded (each
-    /// once). A
-    /// handler that swallowed an SQL error leaves a PostgreSQL transaction aborted (its
-    /// COMMIT rolls back, yet reports success), or, on MySQL, rolled back with the later
-    /// statements autocommitted; either way the message must not be acked.
+    /// once). A handler that swallowed an SQL error leaves a PostgreSQL transaction aborted
+    /// (its COMMIT rolls back, yet reports success); on MySQL a deadlock (or a lock wait
+    /// timeout, with `innodb_rollback_on_timeout`) rolls the whole transaction back while the
+    /// handler's later statements still run. Either way the message must not be acked.
     async fn check_recorded(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut DB::Connection,
         ids: &[String],
     ) -> Result<(), ApplyError> {
-        let found = sqlx::query_scalar::<_, i64>(self.recorded.clone())
-            .bind(&self.consumer)
-            .bind(ids)
-            .fetch_one(tx)
-            .await;
-        match found {
+        match DB::count_recorded(tx, &self.sql, &self.consumer, ids).await {
             Ok(n) if n == ids.len() as i64 => Ok(()),
-            Err(e) if is_retryable_db(&e) => Err(ApplyError::Database(e)),
+            Err(e) if DB::is_transient(&e) => Err(ApplyError::Database(e)),
             _ => Err(ApplyError::Aborted),
         }
     }
@@ -396,22 +366,15 @@ where
     /// A connection for one transaction, within the transaction timeout (the transaction
     /// then has its own); none once shutdown has come (a database that is down would hold
     /// the consumer that long).
-    async fn acquire(&self) -> Result<PoolConnection<Postgres>, ApplyError> {
+    async fn acquire(&self) -> Result<Leased<DB>, ApplyError> {
         let acquire = tokio::time::timeout(self.transaction_timeout, self.pool.acquire());
         tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => Err(ApplyError::Stopped),
             acquired = acquire => match acquired {
-                Ok(conn) => conn.map_err(ApplyError::Database),
+                Ok(conn) => conn.map(Leased::new).map_err(ApplyError::Database),
                 Err(_) => Err(ApplyError::Timeout(self.transaction_timeout)),
             },
         }
-    }
-
-    /// The transaction ran out of time: its connection may never answer again, so it is
-    /// closed instead of returned to the pool (whose liveness check has no timeout).
-    fn expired(&self, conn: &mut PoolConnection<Postgres>) -> ApplyError {
-        conn.close_on_drop();
-        ApplyError::Timeout(self.transaction_timeout)
     }
 }

@@ -14,13 +14,38 @@
 //! message goes to the dead-letter queue `<queue>.dead` with the error and the attempt count
 //! in its headers (`x-outbox-error`, `x-outbox-attempts`); a delivery without a message id
 //! or whose body is not the expected JSON goes there at once. Transient database errors
-//! (serialization failures, deadlocks, lost connections, a transaction past
-//! `transaction_timeout`) are retried without counting.
+//! (serialization failures, deadlocks, lock wait timeouts, lost connections, a transaction
+//! past `transaction_timeout`) are retried without counting.
 //!
 //! Nothing is acked unless its effects committed: before COMMIT the transaction must still
 //! hold the inbox records it made. A handler that swallowed an SQL error (PostgreSQL then
 //! answers the COMMIT with a rollback) fails that check, and the attempt counts as a failed
 //! handler.
+//!
+//! ## PostgreSQL and MySQL
+//!
+//! [`consume`] takes a `sqlx::Pool` of either backend (see [`Database`]); a [`Handler`] is
+//! for PostgreSQL unless it names the backend: `impl Handler<T, sqlx::MySql>` gets a
+//! `&mut MySqlConnection`. The schema is `migrations/<backend>/0002_inbox.sql`. What
+//! differs on MySQL and MariaDB:
+//!
+//! - Deduplication is `INSERT IGNORE` on the primary key `(consumer, message_id)`; a
+//!   concurrent copy of a message waits on the row lock until the first transaction ends,
+//!   then is a duplicate. MySQL has no `RETURNING`: a batch is recorded in one multi-row
+//!   statement, and only when some but not all of its ids were recorded before is it redone
+//!   a row at a time (within the same transaction) to learn which.
+//! - The transaction runs at READ COMMITTED (no gap locks), with `autocommit` off.
+//! - The deadline the server enforces is the session's `wait_timeout` (whole seconds,
+//!   rounded up) and `innodb_lock_wait_timeout`, both set to `transaction_timeout` when the
+//!   transaction begins and restored when it ends (PostgreSQL uses `SET LOCAL
+//!   idle_in_transaction_session_timeout`). A connection that could not be restored is closed
+//!   instead of returned to the pool.
+//! - A failed statement does not abort a MySQL transaction: a handler that swallows an error
+//!   commits its other effects. A deadlock (and a lock wait timeout, with
+//!   `innodb_rollback_on_timeout`) rolls the transaction back; the check before COMMIT catches
+//!   that, and since `autocommit` is off what the handler wrote afterwards is rolled back too.
+//! - Transient errors also include lock wait timeouts (1205), deadlocks (1213), killed
+//!   connections (1927) and MariaDB's disconnect of an idle client (4031).
 //!
 //! At shutdown no new attempt starts and retry delays end; a transaction under way finishes
 //! within `transaction_timeout`. What was not acked is redelivered by the broker.
@@ -30,18 +55,24 @@
 //! are published on a second connection for the same reason.
 
 mod apply_error;
+mod database;
 mod dead_letter;
 mod delivery;
 mod session;
 
+pub use database::Database;
 pub use session::consume;
 
 use std::future::Future;
 use std::time::Duration;
 
-use sqlx::postgres::PgConnection;
-
 use crate::TableName;
+
+/// The backend a [`Handler`] is for unless it says otherwise.
+#[cfg(feature = "postgres")]
+type DefaultDatabase = sqlx::Postgres;
+#[cfg(not(feature = "postgres"))]
+type DefaultDatabase = sqlx::MySql;
 
 /// What a handler may fail with; a retryable `sqlx::Error` inside is not the message's fault.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,13 +92,15 @@ pub struct Incoming<T> {
     pub body: T,
 }
 
-/// Applies one message's effects inside the inbox transaction.
-pub trait Handler<T>: Send + Sync + 'static {
+/// Applies one message's effects inside the inbox transaction, on the database `DB`
+/// (PostgreSQL unless it says otherwise: `impl Handler<T, sqlx::MySql> for ...` gets a
+/// `&mut MySqlConnection`).
+pub trait Handler<T, DB: Database = DefaultDatabase>: Send + Sync + 'static {
     /// Writes the message's effects through `tx`; the inbox commits them with the record of
     /// the message, or rolls both back on error.
     fn handle<'a>(
         &'a self,
-        tx: &'a mut PgConnection,
+        tx: &'a mut DB::Connection,
         message: &'a Incoming<T>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
 }

@@ -12,9 +12,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, Consumer, ExchangeKind};
 use serde::de::DeserializeOwned;
-use sqlx::{AssertSqlSafe, PgPool, SqlSafeStr, SqlStr};
+use sqlx::Pool;
 use tokio_util::sync::CancellationToken;
 
+use super::database::Database;
 use super::dead_letter::DeadLetters;
 use super::delivery::Context;
 use super::{ConsumerConfig, Handler, QueueType};
@@ -22,18 +23,21 @@ use crate::broker::{closed, connect, reconnect_backoff};
 use crate::config::redact;
 
 /// Inbox rows deleted per statement.
-const PURGE_BATCH: i64 = 1000;
+const PURGE_BATCH: u64 = 1000;
 
 /// Consumes until `shutdown`, reconnecting (with backoff, over the nodes) whenever the
 /// connection is lost. Unacked deliveries at shutdown are redelivered by the broker.
-pub async fn consume<T, H>(
-    pool: PgPool,
+///
+/// `pool` is PostgreSQL's or MySQL's; the handler writes through a transaction of it.
+pub async fn consume<T, H, DB>(
+    pool: Pool<DB>,
     config: ConsumerConfig,
     handler: H,
     shutdown: CancellationToken,
 ) where
+    DB: Database,
     T: DeserializeOwned + Send + Sync + 'static,
-    H: Handler<T>,
+    H: Handler<T, DB>,
 {
     let purge = tokio::spawn(purge_inbox(pool.clone(), config.clone(), shutdown.clone()));
     let ctx = Arc::new(Context::new(pool, &config, handler, shutdown.clone()));
@@ -104,14 +108,15 @@ impl Session {
 
     /// Handles deliveries until either connection is lost or `shutdown`; in-flight
     /// deliveries finish first (at shutdown they stop retrying).
-    async fn consume<T, H>(
+    async fn consume<DB, T, H>(
         self,
-        ctx: &Arc<Context<T, H>>,
+        ctx: &Arc<Context<DB, T, H>>,
         config: &ConsumerConfig,
         shutdown: &CancellationToken,
     ) where
+        DB: Database,
         T: DeserializeOwned + Send + Sync + 'static,
-        H: Handler<T>,
+        H: Handler<T, DB>,
     {
         if let Some(consumer) = self.start(config).await {
             consumer
@@ -257,39 +262,38 @@ fn queue_arguments(config: &ConsumerConfig, dead_letter_exchange: Option<&str>) 
 
 /// Deletes this consumer's inbox rows older than the deduplication window, a bounded batch
 /// per statement, every half window (between 1 s and 1 h).
-async fn purge_inbox(pool: PgPool, config: ConsumerConfig, shutdown: CancellationToken) {
-    let sql = format!(
-        "DELETE FROM {t}_inbox WHERE ctid IN (
-            SELECT ctid FROM {t}_inbox WHERE consumer = $1
-              AND received_at < now() - $2 * interval '1 millisecond' LIMIT $3)",
-        t = config.table
-    );
-    let sql = AssertSqlSafe(sql).into_sql_str();
+async fn purge_inbox<DB: Database>(
+    pool: Pool<DB>,
+    config: ConsumerConfig,
+    shutdown: CancellationToken,
+) {
+    let sql = DB::statements(&config);
     let every = (config.dedup_window / 2).clamp(Duration::from_secs(1), Duration::from_secs(3600));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
-        while purge_batch(&pool, &sql, &config).await == PURGE_BATCH as u64 {}
+        while purge_batch(&pool, &sql, &config).await == PURGE_BATCH {}
     }
 }
 
 /// One purge statement within the transaction timeout (waiting for its connection has one
 /// of its own); the rows it deleted (none if it failed). A connection that did not answer in
 /// time is closed, not returned to the pool.
-async fn purge_batch(pool: &PgPool, sql: &SqlStr, config: &ConsumerConfig) -> u64 {
+async fn purge_batch<DB: Database>(
+    pool: &Pool<DB>,
+    sql: &DB::Statements,
+    config: &ConsumerConfig,
+) -> u64 {
     let limit = config.transaction_timeout;
     let Ok(Ok(mut conn)) = tokio::time::timeout(limit, pool.acquire()).await else {
         return 0;
     };
-    let delete = sqlx::query(sql.clone())
-        .bind(&config.consumer)
-        .bind(config.dedup_window.as_millis() as i64)
-        .bind(PURGE_BATCH)
-        .execute(&mut *conn);
+    let window = config.dedup_window;
+    let delete = DB::purge(&mut conn, sql, &config.consumer, window, PURGE_BATCH);
     match tokio::time::timeout(limit, delete).await {
-        Ok(deleted) => deleted.map_or(0, |r| r.rows_affected()),
+        Ok(deleted) => deleted.unwrap_or(0),
         Err(_) => {
             conn.close_on_drop();
             tracing::warn!(consumer = %config.consumer, "inbox purge timed out");

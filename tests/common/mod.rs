@@ -2,6 +2,7 @@
 //! test, the real `outbox` binary as a child process, and deadline-based waits.
 #![allow(dead_code)]
 
+pub mod mysql;
 pub mod proxy;
 pub mod workload;
 
