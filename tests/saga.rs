@@ -1,9 +1,11 @@
-//! The order/payment demo under chaos, checked against its databases.
+//! The order/payment demo under chaos, checked against its databases: orders on
+//! PostgreSQL, payments on MariaDB.
 
 mod common;
 
 use std::process::Command;
 
+use common::mysql::MySqlDb;
 use common::*;
 
 /// The demo binary that `cargo test` builds beside the tests.
@@ -27,7 +29,7 @@ fn demo_bin() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_order_is_settled_exactly_once_under_chaos() {
     let orders = TestDb::new().await;
-    let payments = TestDb::new().await;
+    let payments = MySqlDb::new().await;
     let out = Command::new(demo_bin())
         .args(["--orders", "300", "--chaos", "--json", "--timeout", "120"])
         .env("ORDERS_DATABASE_URL", &orders.url)

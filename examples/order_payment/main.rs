@@ -1,8 +1,9 @@
 //! Run with: `cargo run --release --example order_payment -- --orders 200 [--chaos] [--json]`
 //!
-//! The order/payment saga on two databases (`ORDERS_DATABASE_URL`, `PAYMENTS_DATABASE_URL`;
-//! default `orders` and `payments` on the local PostgreSQL, created and migrated if missing)
-//! and RabbitMQ (`AMQP_URL`). Each service has its own outbox relay and inbox consumer, run
+//! The order/payment saga on two databases and two backends: the order service on
+//! PostgreSQL (`ORDERS_DATABASE_URL`, default database `orders` on the local server), the
+//! payment service on MySQL/MariaDB (`PAYMENTS_DATABASE_URL`, default database `payments` on
+//! the local server), each created and migrated if missing, and RabbitMQ (`AMQP_URL`). Each service has its own outbox relay and inbox consumer, run
 //! here as tasks of this process with the library's code. `--chaos` kills and restarts them
 //! at random moments and publishes some messages a second time. The summary is computed from
 //! the databases; the exit code is 1 if any order was not settled exactly once.
@@ -17,15 +18,16 @@ use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use outbox::config::RelayConfig;
-use outbox::inbox::{ConsumerConfig, consume};
+use outbox::inbox::{ConsumerConfig, Handler, consume};
+use outbox::store::mysql::MyStore;
 use outbox::store::postgres::PgStore;
 use outbox::{Health, Store, StoreOptions};
 use serde::Serialize;
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::{AssertSqlSafe, MySqlPool, PgPool, Pool};
 use std::sync::Arc;
 
 use services::{ChargeCustomer, SettleOrder};
-use supervisor::{Chaos, Component};
+use supervisor::{Chaos, Component, ServiceDb};
 
 /// Customers; the last `POOR` of them cannot pay, so both saga paths run.
 const CUSTOMERS: i64 = 20;
@@ -72,29 +74,29 @@ async fn main() -> anyhow::Result<()> {
             .init();
     }
     let args = args()?;
-    let server = "postgres://postgres@127.0.0.1:5432";
-    let orders_url =
-        std::env::var("ORDERS_DATABASE_URL").unwrap_or_else(|_| format!("{server}/orders"));
-    let payments_url =
-        std::env::var("PAYMENTS_DATABASE_URL").unwrap_or_else(|_| format!("{server}/payments"));
+    let orders_url = std::env::var("ORDERS_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/orders".into());
+    let payments_url = std::env::var("PAYMENTS_DATABASE_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/payments".into());
     let amqp = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let prefix = std::env::var("DEMO_PREFIX").unwrap_or_else(|_| "demo".into());
     let (orders_ex, payments_ex) = (format!("{prefix}.orders"), format!("{prefix}.payments"));
 
-    let orders = prepare_database(&orders_url, services::ORDERS_SCHEMA, "orders").await?;
-    let payments = prepare_database(
-        &payments_url,
-        services::PAYMENTS_SCHEMA,
-        "accounts, payments",
-    )
-    .await?;
-    sqlx::query("INSERT INTO accounts (customer_id, balance) SELECT c, CASE WHEN c > $1 THEN 0 ELSE $2 END FROM generate_series(1, $3) c")
-        .bind(CUSTOMERS - POOR)
-        .bind(RICH_BALANCE)
-        .bind(CUSTOMERS)
-        .execute(&payments)
-        .await?;
+    let orders = prepare_orders(&orders_url).await?;
+    let payments = prepare_payments(&payments_url).await?;
+    for customer in 1..=CUSTOMERS {
+        let balance = if customer > CUSTOMERS - POOR {
+            0
+        } else {
+            RICH_BALANCE
+        };
+        sqlx::query("INSERT INTO accounts (customer_id, balance) VALUES (?, ?)")
+            .bind(customer)
+            .bind(balance)
+            .execute(&payments)
+            .await?;
+    }
     let initial_total = (CUSTOMERS - POOR) * RICH_BALANCE;
     let conn = Connection::connect(&amqp, ConnectionProperties::default())
         .await
@@ -116,8 +118,16 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut components = vec![
-        relay("order relay", &orders, &amqp),
-        relay("payment relay", &payments, &amqp),
+        relay(
+            "order relay",
+            PgStore::new(orders.clone(), store_options()),
+            &amqp,
+        ),
+        relay(
+            "payment relay",
+            MyStore::new(payments.clone(), store_options()),
+            &amqp,
+        ),
         consumer(
             "payment consumer",
             &payments,
@@ -145,8 +155,10 @@ async fn main() -> anyhow::Result<()> {
     let chaos = args.chaos.then(|| {
         Chaos::start(
             std::mem::take(&mut components),
-            orders.clone(),
-            payments.clone(),
+            [
+                ServiceDb::Postgres(orders.clone()),
+                ServiceDb::Mysql(payments.clone()),
+            ],
             channel.clone(),
         )
     });
@@ -190,9 +202,9 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the database if missing, applies the outbox schema and the service's own, and
-/// empties the demo's tables so the summary speaks of this run only.
-async fn prepare_database(url: &str, schema: &'static str, tables: &str) -> anyhow::Result<PgPool> {
+/// The order service's database on PostgreSQL: created if missing, the outbox schema and
+/// the service's own applied, the demo's tables emptied so the summary speaks of this run.
+async fn prepare_orders(url: &str) -> anyhow::Result<PgPool> {
     let (server, name) = url
         .rsplit_once('/')
         .context("database URL without a database name")?;
@@ -216,12 +228,43 @@ async fn prepare_database(url: &str, schema: &'static str, tables: &str) -> anyh
     PgStore::new(pool.clone(), store_options())
         .migrate()
         .await?;
-    sqlx::raw_sql(schema).execute(&pool).await?;
+    sqlx::raw_sql(services::ORDERS_SCHEMA)
+        .execute(&pool)
+        .await?;
+    sqlx::query("TRUNCATE orders, outbox, outbox_inbox RESTART IDENTITY")
+        .execute(&pool)
+        .await?;
+    Ok(pool)
+}
+
+/// The payment service's database on MySQL/MariaDB, prepared the same way.
+async fn prepare_payments(url: &str) -> anyhow::Result<MySqlPool> {
+    let (server, name) = url
+        .rsplit_once('/')
+        .context("database URL without a database name")?;
+    let admin = MySqlPool::connect(server)
+        .await
+        .context("MySQL/MariaDB (start it with scripts/services.sh)")?;
     sqlx::query(AssertSqlSafe(format!(
-        "TRUNCATE {tables}, outbox, outbox_inbox RESTART IDENTITY"
+        "CREATE DATABASE IF NOT EXISTS `{name}`"
     )))
-    .execute(&pool)
+    .execute(&admin)
     .await?;
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(12)
+        .connect(url)
+        .await?;
+    MyStore::new(pool.clone(), store_options())
+        .migrate()
+        .await?;
+    sqlx::raw_sql(services::PAYMENTS_SCHEMA)
+        .execute(&pool)
+        .await?;
+    for table in ["accounts", "payments", "outbox", "outbox_inbox"] {
+        sqlx::query(AssertSqlSafe(format!("TRUNCATE {table}")))
+            .execute(&pool)
+            .await?;
+    }
     Ok(pool)
 }
 
@@ -233,8 +276,7 @@ fn store_options() -> StoreOptions {
     }
 }
 
-fn relay(name: &'static str, pool: &PgPool, amqp: &str) -> Component {
-    let store = PgStore::new(pool.clone(), store_options());
+fn relay(name: &'static str, store: impl Store, amqp: &str) -> Component {
     let mut config = RelayConfig::new(vec![amqp.to_owned()]);
     config.http_addr = None;
     config.poll_interval = Duration::from_millis(250);
@@ -251,9 +293,9 @@ fn relay(name: &'static str, pool: &PgPool, amqp: &str) -> Component {
     })
 }
 
-fn consumer<T, H>(
+fn consumer<T, H, DB>(
     name: &'static str,
-    pool: &PgPool,
+    pool: &Pool<DB>,
     amqp: &str,
     queue: &str,
     binding: (&str, &str),
@@ -261,7 +303,8 @@ fn consumer<T, H>(
 ) -> Component
 where
     T: serde::de::DeserializeOwned + Send + Sync + 'static,
-    H: outbox::inbox::Handler<T> + Clone,
+    H: Handler<T, DB> + Clone,
+    DB: outbox::inbox::Database,
 {
     let mut config = ConsumerConfig::new(vec![amqp.to_owned()], name, queue);
     config.bindings = vec![(binding.0.to_owned(), binding.1.to_owned())];
@@ -307,17 +350,18 @@ async fn wait_settled(orders: &PgPool, timeout: Duration) -> anyhow::Result<bool
 }
 
 /// Waits (up to 30 s) until both outboxes have nothing pending and the inboxes stop growing.
-async fn wait_quiet(orders: &PgPool, payments: &PgPool) {
+async fn wait_quiet(orders: &PgPool, payments: &MySqlPool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last_applied = -1;
+    // The same SQL on both backends.
+    let q = "SELECT (SELECT count(*) FROM outbox WHERE state = 'pending'), (SELECT count(*) FROM outbox_inbox)";
     while Instant::now() < deadline {
-        let (mut pending, mut applied) = (0, 0);
-        for pool in [orders, payments] {
-            let q = "SELECT (SELECT count(*) FROM outbox WHERE state = 'pending'), (SELECT count(*) FROM outbox_inbox)";
-            let (p, a): (i64, i64) = sqlx::query_as(q).fetch_one(pool).await.unwrap_or((1, 0));
-            pending += p;
-            applied += a;
-        }
+        let (p1, a1): (i64, i64) = sqlx::query_as(q).fetch_one(orders).await.unwrap_or((1, 0));
+        let (p2, a2): (i64, i64) = sqlx::query_as(q)
+            .fetch_one(payments)
+            .await
+            .unwrap_or((1, 0));
+        let (pending, applied) = (p1 + p2, a1 + a2);
         if pending == 0 && applied == last_applied {
             return;
         }
@@ -350,7 +394,7 @@ struct Summary {
 impl Summary {
     async fn read(
         orders: &PgPool,
-        payments: &PgPool,
+        payments: &MySqlPool,
         initial_total: i64,
         elapsed: Duration,
         settled: bool,
@@ -389,8 +433,8 @@ impl Summary {
             })
             .count() as i64;
         let (balances, charged, negative): (i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT COALESCE(sum(balance), 0)::bigint FROM accounts),
-                    (SELECT COALESCE(sum(amount), 0)::bigint FROM payments WHERE status = 'SUCCEEDED'),
+            "SELECT (SELECT CAST(COALESCE(sum(balance), 0) AS SIGNED) FROM accounts),
+                    (SELECT CAST(COALESCE(sum(amount), 0) AS SIGNED) FROM payments WHERE status = 'SUCCEEDED'),
                     (SELECT count(*) FROM accounts WHERE balance < 0)",
         )
         .fetch_one(payments)

@@ -5,10 +5,15 @@
 //! transaction that records the payment; the order service marks the order `PAID`, or
 //! `CANCELLED` as the compensation. `payments.order_id` has no unique constraint on purpose:
 //! exactly-once comes from the inbox alone.
+//!
+//! The order service keeps its data on PostgreSQL and the payment service on MySQL/MariaDB:
+//! one saga across both backends, each service with its own outbox and inbox.
 
 use outbox::Message;
 use outbox::inbox::{Handler, HandlerError, Incoming};
 use serde::{Deserialize, Serialize};
+use sqlx::MySql;
+use sqlx::mysql::MySqlConnection;
 use sqlx::postgres::PgConnection;
 
 pub const ORDERS_SCHEMA: &str = "
@@ -18,15 +23,16 @@ pub const ORDERS_SCHEMA: &str = "
         amount      BIGINT NOT NULL,
         status      TEXT NOT NULL CHECK (status IN ('PENDING', 'PAID', 'CANCELLED')))";
 
+/// MySQL/MariaDB.
 pub const PAYMENTS_SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS accounts (
         customer_id BIGINT PRIMARY KEY,
-        balance     BIGINT NOT NULL);
+        balance     BIGINT NOT NULL) ENGINE = InnoDB;
     CREATE TABLE IF NOT EXISTS payments (
-        id       BIGSERIAL PRIMARY KEY,
+        id       BIGINT AUTO_INCREMENT PRIMARY KEY,
         order_id BIGINT NOT NULL,
         amount   BIGINT NOT NULL,
-        status   TEXT NOT NULL CHECK (status IN ('SUCCEEDED', 'FAILED')))";
+        status   VARCHAR(9) NOT NULL CHECK (status IN ('SUCCEEDED', 'FAILED'))) ENGINE = InnoDB";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct OrderCreated {
@@ -70,17 +76,17 @@ pub async fn place_order(
     Ok(order_id)
 }
 
-/// The payment service's handler of `OrderCreated`.
+/// The payment service's handler of `OrderCreated`, on MySQL.
 #[derive(Clone)]
 pub struct ChargeCustomer {
     /// Where payment results are published.
     pub exchange: String,
 }
 
-impl Handler<OrderCreated> for ChargeCustomer {
+impl Handler<OrderCreated, MySql> for ChargeCustomer {
     async fn handle(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut MySqlConnection,
         msg: &Incoming<OrderCreated>,
     ) -> Result<(), HandlerError> {
         let OrderCreated {
@@ -89,15 +95,15 @@ impl Handler<OrderCreated> for ChargeCustomer {
             amount,
         } = msg.body;
         let balance: Option<i64> =
-            sqlx::query_scalar("SELECT balance FROM accounts WHERE customer_id = $1 FOR UPDATE")
+            sqlx::query_scalar("SELECT balance FROM accounts WHERE customer_id = ? FOR UPDATE")
                 .bind(customer_id)
                 .fetch_optional(&mut *tx)
                 .await?;
         let paid = balance.is_some_and(|b| b >= amount);
         if paid {
-            sqlx::query("UPDATE accounts SET balance = balance - $2 WHERE customer_id = $1")
-                .bind(customer_id)
+            sqlx::query("UPDATE accounts SET balance = balance - ? WHERE customer_id = ?")
                 .bind(amount)
+                .bind(customer_id)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -105,7 +111,7 @@ impl Handler<OrderCreated> for ChargeCustomer {
             true => ("SUCCEEDED", "payment.succeeded", "PaymentSucceeded"),
             false => ("FAILED", "payment.failed", "PaymentFailed"),
         };
-        sqlx::query("INSERT INTO payments (order_id, amount, status) VALUES ($1, $2, $3)")
+        sqlx::query("INSERT INTO payments (order_id, amount, status) VALUES (?, ?, ?)")
             .bind(order_id)
             .bind(amount)
             .bind(status)

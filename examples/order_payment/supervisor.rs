@@ -7,7 +7,7 @@ use std::time::Duration;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{MySqlPool, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -71,14 +71,9 @@ pub struct Chaos {
 }
 
 impl Chaos {
-    pub fn start(
-        components: Vec<Component>,
-        orders: PgPool,
-        payments: PgPool,
-        channel: Channel,
-    ) -> Self {
+    pub fn start(components: Vec<Component>, dbs: [ServiceDb; 2], channel: Channel) -> Self {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(components, [orders, payments], channel, stop.clone()));
+        let task = tokio::spawn(run(components, dbs, channel, stop.clone()));
         Chaos { stop, task }
     }
 
@@ -91,7 +86,7 @@ impl Chaos {
 
 async fn run(
     mut components: Vec<Component>,
-    dbs: [PgPool; 2],
+    dbs: [ServiceDb; 2],
     channel: Channel,
     stop: CancellationToken,
 ) -> (Vec<Component>, ChaosCounts) {
@@ -127,16 +122,43 @@ async fn run(
     (components, counts)
 }
 
+/// A service's database, on either backend.
+pub enum ServiceDb {
+    Postgres(PgPool),
+    Mysql(MySqlPool),
+}
+
+type SentRow = (String, String, String, Option<String>, String);
+
+impl ServiceDb {
+    /// Up to three sent rows, at random.
+    async fn sent_rows(&self) -> Vec<SentRow> {
+        let rows =
+            match self {
+                ServiceDb::Postgres(pool) => sqlx::query_as(
+                    "SELECT message_id::text, exchange, routing_key, message_type, payload::text
+                     FROM outbox WHERE state = 'sent' ORDER BY random() LIMIT 3",
+                )
+                .fetch_all(pool)
+                .await,
+                ServiceDb::Mysql(pool) => {
+                    sqlx::query_as(
+                        "SELECT message_id, exchange, routing_key, message_type,
+                            CAST(payload AS CHAR)
+                     FROM outbox WHERE state = 'sent' ORDER BY RAND() LIMIT 3",
+                    )
+                    .fetch_all(pool)
+                    .await
+                }
+            };
+        rows.unwrap_or_default()
+    }
+}
+
 /// Publishes up to three sent rows again, with their message ids: what a relay does when it
 /// dies between the broker's confirm and its mark.
-async fn republish(db: &PgPool, channel: &Channel) -> u32 {
-    let rows: Vec<(String, String, String, Option<String>, String)> = sqlx::query_as(
-        "SELECT message_id::text, exchange, routing_key, message_type, payload::text FROM outbox
-         WHERE state = 'sent' ORDER BY random() LIMIT 3",
-    )
-    .fetch_all(db)
-    .await
-    .unwrap_or_default();
+async fn republish(db: &ServiceDb, channel: &Channel) -> u32 {
+    let rows = db.sent_rows().await;
     let mut sent = 0;
     for (id, exchange, key, kind, payload) in rows {
         let mut props = BasicProperties::default()
