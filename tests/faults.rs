@@ -1,7 +1,8 @@
 //! Faults that close nothing: connections that go silent (a NAT forgot an idle flow, a host
 //! lost power), and a database that is down or frozen. Each test puts the relay behind the
 //! fault proxy (`tests/common/proxy.rs`) and checks that nothing waits forever, nothing is
-//! lost and order per key holds.
+//! lost and order per key holds. On both backends: the database proxy sits in front of
+//! PostgreSQL or MariaDB.
 
 mod common;
 
@@ -11,12 +12,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-const PG: &str = "127.0.0.1:5432";
 const MQ: &str = "127.0.0.1:5672";
 
-/// A PostgreSQL URL of `db` through `proxy`.
-fn through(db: &TestDb, proxy: &Proxy) -> String {
-    db.url.replace(PG, &proxy.addr.to_string())
+/// The URL of `db` through `proxy`.
+fn through(db: &Db, proxy: &Proxy) -> String {
+    db.url_at(proxy.addr)
+}
+
+/// A fault proxy in front of `db`'s server.
+async fn db_proxy(db: &Db) -> Proxy {
+    Proxy::start(db.backend.addr()).await
 }
 
 /// The broker's URL through `proxy`.
@@ -25,7 +30,7 @@ fn amqp_through(proxy: &Proxy) -> String {
 }
 
 /// Commits `n` rows over `keys` ordering keys, each with its key and sequence number.
-async fn commit_rows(db: &TestDb, queue: &TestQueue, n: i64, keys: i64) -> HashSet<String> {
+async fn commit_rows(db: &Db, queue: &TestQueue, n: i64, keys: i64) -> HashSet<String> {
     let mut ids = HashSet::new();
     for seq in 0..n {
         let key = format!("k{}", seq % keys);
@@ -74,15 +79,45 @@ async fn wait_ready(relay: &Relay) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rows_committed_after_a_quiet_spell_behind_idle_freezing_proxies_are_all_delivered() {
-    let db = TestDb::new().await;
+/// The relay's CPU time while its database is unreachable for 30 s, in `fault`.
+async fn cpu_while_the_database_is_unreachable(
+    backend: Backend,
+    fault: impl Fn(&Proxy),
+    heal: impl Fn(&Proxy),
+) {
+    let db = Db::new(backend).await;
     let queue = TestQueue::new().await;
-    let pg = Proxy::start(PG.parse().unwrap()).await;
+    let dbp = db_proxy(&db).await;
+    let relay = Relay::start(&through(&db, &dbp), &db.table, &[]);
+    wait_ready(&relay).await;
+    commit_rows(&db, &queue, 20, 2).await;
+    queue.wait_for_distinct(20, Duration::from_secs(30)).await;
+    let ids = commit_rows(&db, &queue, 20, 2).await;
+    fault(&dbp);
+    let before = cpu_seconds(relay.child.id());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let used = cpu_seconds(relay.child.id()) - before;
+    println!("relay CPU over 30 s without its database: {used:.2} s");
+    assert!(
+        used < 0.05 * 30.0,
+        "the relay used {used:.2} s of CPU in 30 s"
+    );
+    heal(&dbp);
+    let received = queue.wait_for_distinct(40, Duration::from_secs(60)).await;
+    let got: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
+    assert!(ids.is_subset(&got));
+}
+
+on_both_backends! {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_committed_after_a_quiet_spell_behind_idle_freezing_proxies_are_all_delivered(backend: Backend) {
+    let db = Db::new(backend).await;
+    let queue = TestQueue::new().await;
+    let dbp = db_proxy(&db).await;
     let mq = Proxy::start(MQ.parse().unwrap()).await;
     let amqp = amqp_through(&mq);
     let mut relay = Relay::start(
-        &through(&db, &pg),
+        &through(&db, &dbp),
         &db.table,
         &[
             ("AMQP_URL", amqp.as_str()),
@@ -92,14 +127,14 @@ async fn rows_committed_after_a_quiet_spell_behind_idle_freezing_proxies_are_all
     );
     wait_ready(&relay).await;
     // A NAT that forgets flows idle for 3 s: the pool's connections and the broker
-    // connection (heartbeats every 5 s) go silent; the lease and the listener, which hear
-    // from the leader every second, stay alive.
-    pg.freeze_idle(Duration::from_secs(3));
+    // connection (heartbeats every 5 s) go silent; the lease (and on PostgreSQL the
+    // listener), which hear from the leader every second, stay alive.
+    dbp.freeze_idle(Duration::from_secs(3));
     mq.freeze_idle(Duration::from_secs(3));
     eventually(
         "the quiet spell to freeze flows to both services",
         Duration::from_secs(30),
-        || async { pg.frozen_flows() > 0 && mq.frozen_flows() > 0 },
+        || async { dbp.frozen_flows() > 0 && mq.frozen_flows() > 0 },
     )
     .await;
     let committed = Instant::now();
@@ -127,10 +162,10 @@ async fn rows_committed_after_a_quiet_spell_behind_idle_freezing_proxies_are_all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_the_leaders_host_vanishes_a_standby_takes_over_within_the_bound() {
-    let db = TestDb::new().await;
+async fn when_the_leaders_host_vanishes_a_standby_takes_over_within_the_bound(backend: Backend) {
+    let db = Db::new(backend).await;
     let queue = TestQueue::new().await;
-    let pg = Proxy::start(PG.parse().unwrap()).await;
+    let dbp = db_proxy(&db).await;
     let mq = Proxy::start(MQ.parse().unwrap()).await;
     let amqp = amqp_through(&mq);
     // Default leadership timings: the bound is the documented one.
@@ -140,7 +175,7 @@ async fn when_the_leaders_host_vanishes_a_standby_takes_over_within_the_bound() 
     ];
     let mut env = vec![("AMQP_URL", amqp.as_str())];
     env.extend(timings);
-    let old = Relay::start(&through(&db, &pg), &db.table, &env);
+    let old = Relay::start(&through(&db, &dbp), &db.table, &env);
     wait_ready(&old).await;
     let standby = Relay::start(&db.url, &db.table, &timings);
     eventually(
@@ -158,7 +193,7 @@ async fn when_the_leaders_host_vanishes_a_standby_takes_over_within_the_bound() 
         .await;
 
     // The host vanishes: every flow, open and new, goes silent; nothing is closed.
-    pg.freeze_all();
+    dbp.freeze_all();
     mq.freeze_all();
     let vanished = Instant::now();
     for seq in 100..200 {
@@ -186,7 +221,7 @@ async fn when_the_leaders_host_vanishes_a_standby_takes_over_within_the_bound() 
     );
 
     // The host comes back: its late frames arrive; it must find it leads no more.
-    pg.thaw();
+    dbp.thaw();
     mq.thaw();
     let more = commit_rows(&db, &queue, 50, 10).await;
     ids.extend(more);
@@ -205,13 +240,13 @@ async fn when_the_leaders_host_vanishes_a_standby_takes_over_within_the_bound() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_frozen_at_start_is_reported_not_ready_then_used() {
-    let db = TestDb::new().await;
+async fn a_database_frozen_at_start_is_reported_not_ready_then_used(backend: Backend) {
+    let db = Db::new(backend).await;
     let queue = TestQueue::new().await;
-    let pg = Proxy::start(PG.parse().unwrap()).await;
-    pg.freeze_all();
+    let dbp = db_proxy(&db).await;
+    dbp.freeze_all();
     let relay = Relay::start(
-        &through(&db, &pg),
+        &through(&db, &dbp),
         &db.table,
         &[
             ("OUTBOX_CONNECT_TIMEOUT", "2s"),
@@ -229,49 +264,25 @@ async fn a_database_frozen_at_start_is_reported_not_ready_then_used() {
     .await;
     assert_eq!(relay.get("/healthz").await.0, 200, "waiting is not a stall");
     let id = db.insert(&queue.name, None, json!({"after": "thaw"})).await;
-    pg.thaw();
+    dbp.thaw();
     let m = queue.wait_for(1, Duration::from_secs(60)).await;
     assert_eq!(m[0].message_id, id);
 }
 
-/// The relay's CPU time while its database is unreachable for 30 s, in `fault`.
-async fn cpu_while_the_database_is_unreachable(fault: impl Fn(&Proxy), heal: impl Fn(&Proxy)) {
-    let db = TestDb::new().await;
-    let queue = TestQueue::new().await;
-    let pg = Proxy::start(PG.parse().unwrap()).await;
-    let relay = Relay::start(&through(&db, &pg), &db.table, &[]);
-    wait_ready(&relay).await;
-    commit_rows(&db, &queue, 20, 2).await;
-    queue.wait_for_distinct(20, Duration::from_secs(30)).await;
-    let ids = commit_rows(&db, &queue, 20, 2).await;
-    fault(&pg);
-    let before = cpu_seconds(relay.child.id());
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    let used = cpu_seconds(relay.child.id()) - before;
-    println!("relay CPU over 30 s without its database: {used:.2} s");
-    assert!(
-        used < 0.05 * 30.0,
-        "the relay used {used:.2} s of CPU in 30 s"
-    );
-    heal(&pg);
-    let received = queue.wait_for_distinct(40, Duration::from_secs(60)).await;
-    let got: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
-    assert!(ids.is_subset(&got));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_down_for_30_s_costs_under_5_percent_of_a_core(backend: Backend) {
+    cpu_while_the_database_is_unreachable(backend, |p| p.refuse(true), |p| p.refuse(false))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_down_for_30_s_costs_under_5_percent_of_a_core() {
-    cpu_while_the_database_is_unreachable(|pg| pg.refuse(true), |pg| pg.refuse(false)).await;
+async fn a_database_frozen_for_30_s_costs_under_5_percent_of_a_core(backend: Backend) {
+    cpu_while_the_database_is_unreachable(backend, Proxy::freeze_all, Proxy::thaw).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_frozen_for_30_s_costs_under_5_percent_of_a_core() {
-    cpu_while_the_database_is_unreachable(Proxy::freeze_all, Proxy::thaw).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unroutable_rows_published_around_a_confirm_timeout_go_dead_never_sent() {
-    let db = TestDb::new().await;
+async fn unroutable_rows_published_around_a_confirm_timeout_go_dead_never_sent(backend: Backend) {
+    let db = Db::new(backend).await;
     let queue = TestQueue::new().await;
     let mq = Proxy::start(MQ.parse().unwrap()).await;
     let amqp = amqp_through(&mq);
@@ -320,12 +331,12 @@ async fn unroutable_rows_published_around_a_confirm_timeout_go_dead_never_sent()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_fails_when_the_leaders_pool_is_frozen_with_rows_pending() {
-    let db = TestDb::new().await;
+async fn healthz_fails_when_the_leaders_pool_is_frozen_with_rows_pending(backend: Backend) {
+    let db = Db::new(backend).await;
     let queue = TestQueue::new().await;
-    let pg = Proxy::start(PG.parse().unwrap()).await;
+    let dbp = db_proxy(&db).await;
     let relay = Relay::start(
-        &through(&db, &pg),
+        &through(&db, &dbp),
         &db.table,
         &[
             ("OUTBOX_STALL_TIMEOUT", "4s"),
@@ -336,11 +347,11 @@ async fn healthz_fails_when_the_leaders_pool_is_frozen_with_rows_pending() {
     wait_ready(&relay).await;
     assert_eq!(relay.get("/healthz").await.0, 200);
     // The pool's connections freeze once idle, and so does every new one; the lease and
-    // the listener, busy every 200 ms, go on.
-    pg.freeze_idle(Duration::from_secs(1));
-    pg.freeze_new();
+    // (on PostgreSQL) the listener, busy every 200 ms, go on.
+    dbp.freeze_idle(Duration::from_secs(1));
+    dbp.freeze_new();
     eventually("the pool to freeze", Duration::from_secs(20), || async {
-        pg.frozen_flows() > 0
+        dbp.frozen_flows() > 0
     })
     .await;
     let ids = commit_rows(&db, &queue, 10, 2).await;
@@ -351,7 +362,7 @@ async fn healthz_fails_when_the_leaders_pool_is_frozen_with_rows_pending() {
     let (_, why) = relay.get("/healthz").await;
     assert!(why.contains("held pending rows"), "{why}");
     assert!(relay.is_leader().await, "the lease should have held");
-    pg.thaw();
+    dbp.thaw();
     let received = queue
         .wait_for_distinct(ids.len(), Duration::from_secs(60))
         .await;
@@ -362,4 +373,5 @@ async fn healthz_fails_when_the_leaders_pool_is_frozen_with_rows_pending() {
         || async { relay.get("/healthz").await.0 == 200 },
     )
     .await;
+}
 }

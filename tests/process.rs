@@ -1,5 +1,5 @@
 //! The sidecar as a process: leadership and failover, SIGKILL and SIGTERM, bad
-//! configuration, and a database that is down at start.
+//! configuration, and a database that is down at start; on both backends.
 
 mod common;
 
@@ -11,9 +11,10 @@ use serde_json::json;
 use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
 
+on_both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_of_two_relays_leads_and_the_other_takes_over_after_sigkill() {
-    let db = TestDb::new().await;
+async fn one_of_two_relays_leads_and_the_other_takes_over_after_sigkill(backend: Backend) {
+    let db = Db::new(backend).await;
     let queue = TestQueue::new().await;
     let mut relays = [
         Relay::start(&db.url, &db.table, &[]),
@@ -77,17 +78,16 @@ async fn one_of_two_relays_leads_and_the_other_takes_over_after_sigkill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_in_the_middle_of_a_backlog_loses_nothing() {
-    let db = TestDb::new().await;
+async fn sigkill_in_the_middle_of_a_backlog_loses_nothing(backend: Backend) {
+    let db = Db::new(backend).await;
     let queue = TestQueue::new().await;
-    sqlx::query(
-        "INSERT INTO outbox (routing_key, ordering_key, payload)
-         SELECT $1, 'k' || (i % 50), jsonb_build_object('key', 'k' || (i % 50), 'seq', i) FROM generate_series(1, 20000) i",
-    )
-    .bind(&queue.name)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let rows: Vec<Row> = (1..=20000)
+        .map(|i| {
+            let key = format!("k{}", i % 50);
+            Row::new(&queue.name, json!({"key": key, "seq": i})).key(&key)
+        })
+        .collect();
+    db.insert_rows(&rows).await;
     let all: HashSet<String> = db.message_ids().await;
 
     let mut relay = Relay::start(&db.url, &db.table, &[("OUTBOX_BATCH_SIZE", "200")]);
@@ -135,14 +135,13 @@ async fn sigkill_in_the_middle_of_a_backlog_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_claiming_drains_and_exits_0() {
-    let db = TestDb::new().await;
+async fn sigterm_stops_claiming_drains_and_exits_0(backend: Backend) {
+    let db = Db::new(backend).await;
     let queue = TestQueue::new().await;
-    sqlx::query("INSERT INTO outbox (routing_key, payload) SELECT $1, jsonb_build_object('seq', i) FROM generate_series(1, 20000) i")
-        .bind(&queue.name)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let rows: Vec<Row> = (1..=20000)
+        .map(|i| Row::new(&queue.name, json!({"seq": i})))
+        .collect();
+    db.insert_rows(&rows).await;
     let all: HashSet<String> = db.message_ids().await;
     let mut relay = Relay::start(&db.url, &db.table, &[]);
     eventually(
@@ -173,10 +172,11 @@ async fn sigterm_stops_claiming_drains_and_exits_0() {
 }
 
 #[tokio::test]
-async fn bad_configuration_exits_2_naming_each_variable_without_passwords() {
+async fn bad_configuration_exits_2_naming_each_variable_without_passwords(backend: Backend) {
+    let database_url = format!("{}://app:db-s3cret@{}/x", backend.scheme(), backend.addr());
     let out = outbox_bin()
         .arg("relay")
-        .env("DATABASE_URL", "postgres://app:db-s3cret@127.0.0.1:5432/x")
+        .env("DATABASE_URL", database_url)
         .env(
             "AMQP_URL",
             "amqp://app:mq-hunter2@127.0.0.1:5672/%2f,http://app:mq-hunter2@x",
@@ -213,17 +213,18 @@ async fn bad_configuration_exits_2_naming_each_variable_without_passwords() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_down_at_start_is_retried_and_reported_not_ready() {
-    let db = TestDb::new().await;
+async fn a_database_down_at_start_is_retried_and_reported_not_ready(backend: Backend) {
+    let db = Db::new(backend).await;
     let queue = TestQueue::new().await;
     // The relay's database address answers nothing until the test opens a proxy there.
     let port = free_port();
-    // Trust authentication ignores the password: it is there to prove it is never logged.
-    let url = db.url.replace(
-        "postgres@127.0.0.1:5432",
-        &format!("postgres:pw-s3cret@127.0.0.1:{port}"),
-    );
-    assert_ne!(url, db.url, "test server URL must be on 127.0.0.1:5432");
+    // The password is there to prove it is never logged (PostgreSQL's trust authentication
+    // ignores it; on MySQL it is a user of this test's).
+    let with_password = db.url_with_password("pw-s3cret").await;
+    let user = url::Url::parse(&with_password).unwrap().username().to_owned();
+    let server = backend.addr();
+    let url = with_password.replace(&server.to_string(), &format!("127.0.0.1:{port}"));
+    assert_ne!(url, with_password, "test server URL must name {server}");
     let mut relay = Relay::start(&url, &db.table, &[]);
 
     eventually("/healthz to answer", Duration::from_secs(20), || async {
@@ -239,7 +240,7 @@ async fn a_database_down_at_start_is_retried_and_reported_not_ready() {
         relay.log_text()
     );
     assert!(
-        relay.log_text().contains("postgres:***@"),
+        relay.log_text().contains(&format!("{user}:***@")),
         "log does not show the redacted URL"
     );
     assert!(
@@ -251,7 +252,7 @@ async fn a_database_down_at_start_is_retried_and_reported_not_ready() {
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
             tokio::spawn(async move {
-                if let Ok(mut outbound) = TcpStream::connect("127.0.0.1:5432").await {
+                if let Ok(mut outbound) = TcpStream::connect(server).await {
                     let _ = copy_bidirectional(&mut inbound, &mut outbound).await;
                 }
             });
@@ -266,4 +267,5 @@ async fn a_database_down_at_start_is_retried_and_reported_not_ready() {
     .await;
     let m = queue.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(m[0].message_id, id);
+}
 }
