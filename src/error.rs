@@ -29,6 +29,9 @@ pub enum Error {
     /// Another relay has led the table since this one's term began: its marks change nothing.
     #[error("this relay no longer leads the table")]
     LeaseLost,
+    /// The database refuses something the relay needs (e.g. Galera and `GET_LOCK`).
+    #[error("unsupported database: {0}")]
+    Unsupported(&'static str),
 }
 
 impl Error {
@@ -43,7 +46,8 @@ impl Error {
             Error::InvalidTable(_)
             | Error::UnsupportedDatabase(_)
             | Error::Json(_)
-            | Error::LeaseLost => false,
+            | Error::LeaseLost
+            | Error::Unsupported(_) => false,
         }
     }
 }
@@ -57,16 +61,30 @@ pub(crate) fn is_retryable_db(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        // 40001 serialization failure, 40P01 deadlock (PostgreSQL); 1213 deadlock and 1205
-        // lock wait timeout (MySQL); class 08 connection exceptions; 57P01 admin shutdown.
+        // 40001 serialization failure (a MySQL deadlock too), 40P01 deadlock and 57P0x
+        // shutdowns (PostgreSQL); class 08 connection exceptions.
         sqlx::Error::Database(db) => {
             matches!(
                 db.code().as_deref(),
-                Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "1213" | "1205")
+                Some("40001" | "40P01" | "57P01" | "57P02" | "57P03")
             ) || db.code().is_some_and(|c| c.starts_with("08"))
+                || is_retryable_mysql(db.as_ref())
         }
         _ => false,
     }
+}
+
+/// MySQL's transient errors, by number: 1205 lock wait timeout, 1213 deadlock, 1053 server
+/// shutdown, 1927 connection killed, 4031 session ended by the server for idleness.
+#[cfg(feature = "mysql")]
+fn is_retryable_mysql(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .is_some_and(|e| matches!(e.number(), 1205 | 1213 | 1053 | 1927 | 4031))
+}
+
+#[cfg(not(feature = "mysql"))]
+fn is_retryable_mysql(_: &dyn sqlx::error::DatabaseError) -> bool {
+    false
 }
 
 impl From<sqlx::Error> for Error {

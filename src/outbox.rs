@@ -68,3 +68,35 @@ impl Backend for sqlx::PgConnection {
         Ok(())
     }
 }
+
+#[cfg(feature = "mysql")]
+impl Backend for sqlx::MySqlConnection {
+    async fn insert(&mut self, table: &TableName, messages: &[Message]) -> Result<()> {
+        let mut sql = format!(
+            "INSERT INTO {table}
+                (message_id, exchange, routing_key, ordering_key, message_type, payload, headers)
+             VALUES "
+        );
+        for i in 0..messages.len() {
+            sql.push_str(if i == 0 {
+                "(?, ?, ?, ?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?, ?, ?, ?)"
+            });
+        }
+        // Persistent only for one message: each batch length would be another statement.
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(messages.len() == 1);
+        for m in messages {
+            query = query
+                .bind(m.message_id.to_string())
+                .bind(&m.exchange)
+                .bind(&m.routing_key)
+                .bind(&m.ordering_key)
+                .bind(&m.message_type)
+                .bind(m.payload.to_string())
+                .bind(serde_json::Value::Object(m.headers.clone()).to_string());
+        }
+        query.execute(self).await?;
+        Ok(())
+    }
+}

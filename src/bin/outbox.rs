@@ -9,7 +9,6 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use outbox::config::{Config, redact};
-use outbox::store::postgres::PgStore;
 use outbox::{Health, Store};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -119,13 +118,23 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     let opts = config.store_options();
     let scheme = config.database_url.split("://").next().unwrap_or_default();
+    let context = || format!("DATABASE_URL {}", redact(&config.database_url));
     match scheme {
+        #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
-            let store = PgStore::connect_lazy(&config.database_url, opts)
-                .with_context(|| format!("DATABASE_URL {}", redact(&config.database_url)))?;
+            let store = outbox::store::postgres::PgStore::connect_lazy(&config.database_url, opts)
+                .with_context(context)?;
             execute(command, store, config).await
         }
-        other => bail!("DATABASE_URL: {other}:// is not supported by this build yet"),
+        #[cfg(feature = "mysql")]
+        "mysql" | "mariadb" => {
+            let store = outbox::store::mysql::MyStore::connect_lazy(&config.database_url, opts)
+                .with_context(context)?;
+            execute(command, store, config).await
+        }
+        other => bail!(
+            "DATABASE_URL: {other}:// is not supported by this build (built without its feature)"
+        ),
     }
 }
 

@@ -16,6 +16,8 @@ use serde::Serialize;
 use crate::message::OutboxRow;
 use crate::{Result, TableName};
 
+#[cfg(feature = "mysql")]
+pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 
@@ -53,6 +55,12 @@ impl StoreOptions {
             lease_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Who takes the leadership, as `<table>_leader` records it: host and process.
+pub(crate) fn holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{} pid {}", host.trim(), std::process::id())
 }
 
 /// A publish attempt that failed through the row's own fault (nack, unroutable, timeout).

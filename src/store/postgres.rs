@@ -8,7 +8,8 @@ use std::time::Duration;
 use super::deadline::Work;
 use super::migrate::{Migration, history_table, render};
 use super::{
-    DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions, pool_options, within,
+    DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions, holder, pool_options,
+    within,
 };
 use crate::message::OutboxRow;
 use crate::{Result, TableName};
@@ -267,12 +268,6 @@ impl Lease for PgLease {
             dead,
         })
     }
-}
-
-/// Who takes the leadership, as `<table>_leader` records it: host and process.
-pub(crate) fn holder() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{} pid {}", host.trim(), std::process::id())
 }
 
 impl Store for PgStore {
