@@ -205,12 +205,7 @@ impl Db {
 
     /// Applies the schema with the store's `migrate()`.
     async fn migrate(&self) {
-        self.migrate_table(self.table.as_str()).await
-    }
-
-    /// Applies the schema for another table of this database.
-    pub async fn migrate_table(&self, table: &str) {
-        let opts = StoreOptions::new(TableName::new(table).unwrap());
+        let opts = self.store_options();
         let applied = match &self.pool {
             Pool::Pg(p) => PgStore::new(p.clone(), opts).migrate().await,
             Pool::My(p) => MyStore::new(p.clone(), opts).migrate().await,
@@ -311,14 +306,20 @@ impl Db {
                     .unwrap();
             }
             Pool::My(p) => {
-                let ids: Vec<u64> = sqlx::query_scalar(
-                    "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID() AND INFO IS NULL",
+                // The lease holds a named lock, `outbox:<database>.<table>`.
+                let holder: Option<i64> = sqlx::query_scalar(
+                    "SELECT CAST(IS_USED_LOCK(CONCAT('outbox:', DATABASE(), '.', ?)) AS SIGNED)",
                 )
-                .fetch_all(p)
+                .bind(self.table.as_str().to_ascii_lowercase())
+                .fetch_one(p)
                 .await
                 .unwrap();
-                let _ = ids;
-                unimplemented!("MySQL lease sessions")
+                if let Some(id) = holder {
+                    sqlx::query(AssertSqlSafe(format!("KILL {id}")))
+                        .execute(p)
+                        .await
+                        .unwrap();
+                }
             }
         }
     }
@@ -376,8 +377,8 @@ impl Drop for MyDrop {
                 };
                 // An open transaction in the database would hold DROP DATABASE on its
                 // metadata lock: end every session in it first.
-                let sessions: Vec<u64> = sqlx::query_scalar(
-                    "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = ? AND ID <> CONNECTION_ID()",
+                let sessions: Vec<i64> = sqlx::query_scalar(
+                    "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST WHERE DB = ? AND ID <> CONNECTION_ID()",
                 )
                 .bind(&name)
                 .fetch_all(&admin)

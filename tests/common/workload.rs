@@ -24,7 +24,7 @@ use super::{eventually, unique};
 const KEYS: i64 = 40;
 
 #[derive(Deserialize)]
-struct Row {
+struct Body {
     key: String,
     seq: i64,
 }
@@ -33,8 +33,8 @@ struct Row {
 #[derive(Clone)]
 struct Apply;
 
-impl Handler<Row> for Apply {
-    async fn handle(&self, tx: &mut PgConnection, msg: &Incoming<Row>) -> Result<(), HandlerError> {
+impl Handler<Body> for Apply {
+    async fn handle(&self, tx: &mut PgConnection, msg: &Incoming<Body>) -> Result<(), HandlerError> {
         sqlx::query("INSERT INTO effects (message_id, key, seq) VALUES ($1, $2, $3)")
             .bind(&msg.message_id)
             .bind(&msg.body.key)
@@ -349,7 +349,7 @@ impl Recorded {
                     .map(|s| s.to_string())
                     .unwrap_or_default();
                 if self.seen.lock().unwrap().insert(id.clone()) {
-                    let row: Row = serde_json::from_slice(&d.data).unwrap();
+                    let row: Body = serde_json::from_slice(&d.data).unwrap();
                     self.first.lock().unwrap().push((id, row.key, row.seq));
                 } else if !d.redelivered {
                     *self.duplicates.lock().unwrap() += 1;
