@@ -25,7 +25,7 @@ use super::{START_HINT, TestDb, outbox_bin, pg_server, unique};
 macro_rules! on_both_backends {
     ($(
         $(#[$attr:meta])*
-        async fn $name:ident($backend:ident: Backend) $body:block
+        async fn $name:ident($backend:ident: Backend $(,)?) $body:block
     )*) => {$(
         mod $name {
             #[allow(unused_imports)]
@@ -517,7 +517,8 @@ async fn insert_pg(
 }
 
 /// Inserts one row through `conn`; returns its message id (read back by its id when the
-/// column default made it, as MySQL has no RETURNING).
+/// column default made it, as MySQL has no RETURNING: in the same transaction, or the relay
+/// may have published and deleted the row already).
 async fn insert_my(
     conn: &mut MySqlConnection,
     table: &TableName,
@@ -576,8 +577,12 @@ impl DbHandle {
                 insert_pg(&mut conn, &self.table, row).await
             }
             Pool::My(p) => {
-                let mut conn = p.acquire().await?;
-                insert_my(&mut conn, &self.table, row).await
+                // A transaction, so that reading the id back finds the row before the relay
+                // has published and deleted it.
+                let mut tx = p.begin().await?;
+                let id = insert_my(&mut tx, &self.table, row).await?;
+                tx.commit().await?;
+                Ok(id)
             }
         }
     }
