@@ -192,106 +192,106 @@ async fn sigterm_while_blocked_exits_within_the_grace_period(backend: Backend) {
 static SERIALLY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 on_both_backends! {
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_and_disk_alarms_block_the_relay_which_reports_and_resumes_without_loss(
-    backend: Backend,
-) {
-    let _turn = SERIALLY.lock().await;
-    let db = Db::new(backend).await;
-    let inbox = InboxDb::for_db(&db).await;
-    let queue = TestQueue::new().await;
-    let relay = Relay::start(&db.url, &db.table, &[("OUTBOX_CONFIRM_TIMEOUT", "5s")]);
-    eventually("the relay to be ready", Duration::from_secs(20), || async {
-        relay.get("/readyz").await.0 == 200
-    })
-    .await;
-    let settings = BrokerSettings::save();
-    let mut ids = HashSet::new();
-
-    let alarms: [(&str, &[&str]); 2] = [
-        ("memory", &["set_vm_memory_high_watermark", "0.000001"]),
-        ("disk", &["set_disk_free_limit", "100000GB"]),
-    ];
-    for (round, (resource, raise)) in alarms.into_iter().enumerate() {
-        let backlog = backlog_for_the_alarm(&inbox, round).await;
-        rabbitmqctl(raise);
-        // RabbitMQ tells a connection it is blocked when it next publishes.
-        for seq in 0..20 {
-            ids.insert(
-                db.insert(&queue.name, Some("k"), json!({"round": round, "seq": seq}))
-                    .await,
-            );
-        }
-        eventually(
-            &format!("{resource} alarm to be reported"),
-            Duration::from_secs(30),
-            || async { relay.metric("outbox_broker_blocked").await == Some(1.0) },
-        )
-        .await;
-        if resource == "memory" {
-            sigterm_while_blocked_exits_within_the_grace_period(backend).await;
-        }
-        let (code, body) = relay.get("/readyz").await;
-        assert_eq!(code, 503, "{body}");
-        assert!(
-            body.contains("broker blocked publishing") && body.contains(resource),
-            "{body}"
-        );
-        assert!(
-            relay.get("/").await.1.contains(resource),
-            "status page does not show the alarm"
-        );
-
-        // An inbox consumer, on its own connections, drains its queue during the alarm.
-        let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(outbox::inbox::consume(
-            inbox.pool.clone(),
-            backlog.clone(),
-            Count,
-            stop.clone(),
-        ));
-        eventually(
-            "the inbox consumer to apply its backlog during the alarm",
-            Duration::from_secs(30),
-            || async {
-                sqlx::query_scalar::<_, i64>("SELECT n FROM consumed")
-                    .fetch_one(&inbox.pool)
-                    .await
-                    .unwrap()
-                    == 50
-            },
-        )
-        .await;
-        stop.cancel();
-        assert_eq!(
-            relay.metric("outbox_broker_blocked").await,
-            Some(1.0),
-            "the alarm ended too soon to prove anything"
-        );
-
-        // Rows committed during the alarm wait.
-        for seq in 20..40 {
-            ids.insert(
-                db.insert(&queue.name, Some("k"), json!({"round": round, "seq": seq}))
-                    .await,
-            );
-        }
-        settings.restore();
-        eventually("the relay to resume", Duration::from_secs(30), || async {
-            relay.metric("outbox_broker_blocked").await == Some(0.0)
-                && relay.get("/readyz").await.0 == 200
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_and_disk_alarms_block_the_relay_which_reports_and_resumes_without_loss(
+        backend: Backend,
+    ) {
+        let _turn = SERIALLY.lock().await;
+        let db = Db::new(backend).await;
+        let inbox = InboxDb::for_db(&db).await;
+        let queue = TestQueue::new().await;
+        let relay = Relay::start(&db.url, &db.table, &[("OUTBOX_CONFIRM_TIMEOUT", "5s")]);
+        eventually("the relay to be ready", Duration::from_secs(20), || async {
+            relay.get("/readyz").await.0 == 200
         })
         .await;
-        queue
-            .wait_for_distinct(ids.len(), Duration::from_secs(60))
+        let settings = BrokerSettings::save();
+        let mut ids = HashSet::new();
+
+        let alarms: [(&str, &[&str]); 2] = [
+            ("memory", &["set_vm_memory_high_watermark", "0.000001"]),
+            ("disk", &["set_disk_free_limit", "100000GB"]),
+        ];
+        for (round, (resource, raise)) in alarms.into_iter().enumerate() {
+            let backlog = backlog_for_the_alarm(&inbox, round).await;
+            rabbitmqctl(raise);
+            // RabbitMQ tells a connection it is blocked when it next publishes.
+            for seq in 0..20 {
+                ids.insert(
+                    db.insert(&queue.name, Some("k"), json!({"round": round, "seq": seq}))
+                        .await,
+                );
+            }
+            eventually(
+                &format!("{resource} alarm to be reported"),
+                Duration::from_secs(30),
+                || async { relay.metric("outbox_broker_blocked").await == Some(1.0) },
+            )
             .await;
+            if resource == "memory" {
+                sigterm_while_blocked_exits_within_the_grace_period(backend).await;
+            }
+            let (code, body) = relay.get("/readyz").await;
+            assert_eq!(code, 503, "{body}");
+            assert!(
+                body.contains("broker blocked publishing") && body.contains(resource),
+                "{body}"
+            );
+            assert!(
+                relay.get("/").await.1.contains(resource),
+                "status page does not show the alarm"
+            );
+
+            // An inbox consumer, on its own connections, drains its queue during the alarm.
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(outbox::inbox::consume(
+                inbox.pool.clone(),
+                backlog.clone(),
+                Count,
+                stop.clone(),
+            ));
+            eventually(
+                "the inbox consumer to apply its backlog during the alarm",
+                Duration::from_secs(30),
+                || async {
+                    sqlx::query_scalar::<_, i64>("SELECT n FROM consumed")
+                        .fetch_one(&inbox.pool)
+                        .await
+                        .unwrap()
+                        == 50
+                },
+            )
+            .await;
+            stop.cancel();
+            assert_eq!(
+                relay.metric("outbox_broker_blocked").await,
+                Some(1.0),
+                "the alarm ended too soon to prove anything"
+            );
+
+            // Rows committed during the alarm wait.
+            for seq in 20..40 {
+                ids.insert(
+                    db.insert(&queue.name, Some("k"), json!({"round": round, "seq": seq}))
+                        .await,
+                );
+            }
+            settings.restore();
+            eventually("the relay to resume", Duration::from_secs(30), || async {
+                relay.metric("outbox_broker_blocked").await == Some(0.0)
+                    && relay.get("/readyz").await.0 == 200
+            })
+            .await;
+            queue
+                .wait_for_distinct(ids.len(), Duration::from_secs(60))
+                .await;
+        }
+        let got: HashSet<String> = queue.received().into_iter().map(|m| m.message_id).collect();
+        assert_eq!(got, ids);
+        let log = relay.log_text();
+        assert!(
+            log.matches("broker blocked publishing").count() >= 2,
+            "one warning per change expected:\n{log}"
+        );
     }
-    let got: HashSet<String> = queue.received().into_iter().map(|m| m.message_id).collect();
-    assert_eq!(got, ids);
-    let log = relay.log_text();
-    assert!(
-        log.matches("broker blocked publishing").count() >= 2,
-        "one warning per change expected:\n{log}"
-    );
-}
 }

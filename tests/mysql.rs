@@ -185,7 +185,9 @@ async fn the_binary_takes_mariadb_urls() {
     // Already migrated by the harness: a second run changes nothing.
     outbox(&["migrate"]);
     let before = db.count("true").await;
-    let id = db.insert(&queue.name, None, json!({"via": "mariadb"})).await;
+    let id = db
+        .insert(&queue.name, None, json!({"via": "mariadb"}))
+        .await;
     let status = outbox(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["pending"], json!(before + 1), "{status}");

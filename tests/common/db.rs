@@ -21,6 +21,8 @@ use super::{START_HINT, TestDb, outbox_bin, pg_server, unique};
 /// Generates, for each `async fn name(backend: Backend) { .. }`, a module `name` holding the
 /// tests `postgres` and `mysql`, which run the body on that backend. The attributes written
 /// above the function (`#[tokio::test(flavor = "multi_thread")]`, docs) go on both tests.
+/// rustfmt leaves the block alone: to format it, write `mod x {` for `on_both_backends! {`,
+/// run rustfmt on the file, and write it back.
 #[macro_export]
 macro_rules! on_both_backends {
     ($(
@@ -258,7 +260,13 @@ impl Db {
             Pool::My(p) => {
                 let user = unique("u");
                 let user = &user[..30]; // MariaDB user names: at most 80 chars, MySQL 32
-                self._my.as_ref().unwrap().users.lock().unwrap().push(user.into());
+                self._my
+                    .as_ref()
+                    .unwrap()
+                    .users
+                    .lock()
+                    .unwrap()
+                    .push(user.into());
                 sqlx::query(AssertSqlSafe(format!(
                     "CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"
                 )))
@@ -457,15 +465,12 @@ impl Row {
 }
 
 /// The columns a service writes, in the order [`insert_sql`] binds them.
-const COLUMNS: &str = "message_id, exchange, routing_key, ordering_key, message_type, payload, headers";
+const COLUMNS: &str =
+    "message_id, exchange, routing_key, ordering_key, message_type, payload, headers";
 
 /// `INSERT INTO table (COLUMNS) VALUES ...` for `rows`, with the values to bind in order (a
 /// `None` column of `message_id` and `headers` is written `DEFAULT`, not bound).
-fn insert_sql(
-    backend: Backend,
-    table: &TableName,
-    rows: &[Row],
-) -> (String, Vec<Option<String>>) {
+fn insert_sql(backend: Backend, table: &TableName, rows: &[Row]) -> (String, Vec<Option<String>>) {
     let mut binds: Vec<Option<String>> = Vec::new();
     let mut param = |value: Option<String>, cast: &str| {
         binds.push(value);
@@ -688,7 +693,9 @@ impl DbHandle {
             Backend::Postgres => {
                 "SELECT extract(epoch FROM created_at)::float8 FROM {t} WHERE message_id = $1::uuid"
             }
-            Backend::Mysql => "SELECT UNIX_TIMESTAMP(created_at) + 0e0 FROM {t} WHERE message_id = ?",
+            Backend::Mysql => {
+                "SELECT UNIX_TIMESTAMP(created_at) + 0e0 FROM {t} WHERE message_id = ?"
+            }
         };
         let sql = sql.replace("{t}", self.table.as_str());
         match &self.pool {

@@ -34,7 +34,11 @@ struct Body {
 struct Apply;
 
 impl Handler<Body> for Apply {
-    async fn handle(&self, tx: &mut PgConnection, msg: &Incoming<Body>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        msg: &Incoming<Body>,
+    ) -> Result<(), HandlerError> {
         sqlx::query("INSERT INTO effects (message_id, key, seq) VALUES ($1, $2, $3)")
             .bind(&msg.message_id)
             .bind(&msg.body.key)
