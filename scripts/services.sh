@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs (Debian packages) and starts what outbox's tests and demo need, where missing:
-# PostgreSQL on 127.0.0.1:5432 (user postgres, trust on loopback) and RabbitMQ on
-# 127.0.0.1:5672 (guest/guest). Safe to run again: it only acts on what is absent or down.
+# PostgreSQL on 127.0.0.1:5432 (user postgres, trust on loopback), MariaDB on 127.0.0.1:3306
+# (root without a password from 127.0.0.1) and RabbitMQ on 127.0.0.1:5672 (guest/guest). Safe to run again: it only acts on what is absent or down.
 set -euo pipefail
 
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -14,6 +14,7 @@ wait_port() {
 missing=()
 command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql postgresql-client)
 command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
+[ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   apt-get update -qq
@@ -34,10 +35,22 @@ if ! psql -h 127.0.0.1 -U postgres -d postgres -Atc 'SELECT 1' >/dev/null 2>&1; 
   su postgres -c "psql -c 'SELECT pg_reload_conf()'" >/dev/null
 fi
 
+if ! port_open 3306; then
+  log "starting MariaDB"
+  install -d -o mysql -g mysql /run/mysqld
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+  wait_port 3306 MariaDB
+fi
+if ! mariadb -h 127.0.0.1 -u root -e 'SELECT 1' >/dev/null 2>&1; then
+  # The tests connect over TCP as root without a password (OUTBOX_TEST_MYSQL).
+  log "letting root connect to MariaDB from 127.0.0.1"
+  mariadb -u root -e "CREATE USER IF NOT EXISTS root@'127.0.0.1'; GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION"
+fi
+
 if ! port_open 5672; then
   log "starting RabbitMQ"
   rabbitmq-server -detached
   wait_port 5672 RabbitMQ
   rabbitmqctl -q await_startup >/dev/null
 fi
-log "PostgreSQL and RabbitMQ are up"
+log "PostgreSQL, MariaDB and RabbitMQ are up"
