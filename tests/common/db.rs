@@ -354,6 +354,7 @@ impl TestStore for MyStore {
 async fn mysql_admin() -> MySqlPool {
     MySqlPoolOptions::new()
         .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(5))
         .connect(&mysql_server())
         .await
         .unwrap_or_else(|e| {
