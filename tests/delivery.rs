@@ -192,10 +192,11 @@ on_both_backends! {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_100k_backlog_on_two_ordering_keys_drains_in_order(backend: Backend) {
+    async fn a_20k_backlog_on_two_ordering_keys_drains_in_order(backend: Backend) {
         // Each claim looks up, for every row it reads, the row before it on its key: that must
-        // not cost the number of rows waiting on the key.
-        const BACKLOG: i64 = 100_000;
+        // not cost the number of rows waiting on the key. (Two keys allow two publishes in
+        // flight: the broker's confirms bound the rate, about 2k rows/s here.)
+        const BACKLOG: i64 = 20_000;
         let db = Db::new(backend).await;
         let queue = TestQueue::new().await;
         let rows: Vec<Row> = (0..BACKLOG)
@@ -207,10 +208,10 @@ on_both_backends! {
         let all: HashSet<String> = db.insert_rows(&rows).await.into_iter().collect();
         let started = std::time::Instant::now();
         let _relay = Relay::start(&db.url, &db.table, &[]);
-        queue.wait_for(1000, Duration::from_secs(30)).await;
+        queue.wait_for(1000, Duration::from_secs(10)).await;
         let first = started.elapsed();
         let received = queue
-            .wait_for_distinct(all.len(), Duration::from_secs(180))
+            .wait_for_distinct(all.len(), Duration::from_secs(30))
             .await;
         println!(
             "first 1000 rows after {first:?}, all {BACKLOG} after {:?}",
