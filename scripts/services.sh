@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs (Debian packages) and starts what outbox's tests and demo need, where missing:
 # PostgreSQL on 127.0.0.1:5432 (user postgres, trust on loopback), MariaDB on 127.0.0.1:3306
-# (root without a password from 127.0.0.1) and RabbitMQ on 127.0.0.1:5672 (guest/guest). Safe to run again: it only acts on what is absent or down.
+# (root without a password) and RabbitMQ on 127.0.0.1:5672 (guest/guest). Safe to run again:
+# it only acts on what is absent or down.
 set -euo pipefail
 
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -14,7 +15,7 @@ wait_port() {
 missing=()
 command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql postgresql-client)
 command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
-[ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
+command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server mariadb-client)
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   apt-get update -qq
@@ -42,9 +43,9 @@ if ! port_open 3306; then
   wait_port 3306 MariaDB
 fi
 if ! mariadb -h 127.0.0.1 -u root -e 'SELECT 1' >/dev/null 2>&1; then
-  # The tests connect over TCP as root without a password (OUTBOX_TEST_MYSQL).
-  log "letting root connect to MariaDB from 127.0.0.1"
-  mariadb -u root -e "CREATE USER IF NOT EXISTS root@'127.0.0.1'; GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION"
+  # A fresh package install lets root in over the socket only: let it in over TCP too.
+  log "letting MariaDB's root in over 127.0.0.1 without a password"
+  mariadb -u root -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD(''); CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY ''; GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION; FLUSH PRIVILEGES"
 fi
 
 if ! port_open 5672; then
