@@ -211,7 +211,7 @@ on_both_backends! {
         queue.wait_for(1000, Duration::from_secs(10)).await;
         let first = started.elapsed();
         let received = queue
-            .wait_for_distinct(all.len(), Duration::from_secs(30))
+            .wait_for_distinct(all.len(), Duration::from_secs(45))
             .await;
         println!(
             "first 1000 rows after {first:?}, all {BACKLOG} after {:?}",
