@@ -1,8 +1,10 @@
 //! The broker's resource alarms, raised for real with `rabbitmqctl`: the relay notices
 //! `connection.blocked`, stops claiming, reports it, and resumes without loss.
 //!
-//! The alarms are broker-wide, so this file holds one test that raises them in turn; its
-//! guard puts the broker's settings back even when an assertion fails.
+//! The alarms are broker-wide, so this file holds one test that raises them in turn, once
+//! per backend (they take turns: see `SERIALLY`); its guard puts the
+//! broker's settings back even when an assertion fails. The inbox consumer keeps its records
+//! on PostgreSQL whatever the relay's backend.
 
 mod common;
 
@@ -73,17 +75,17 @@ impl outbox::inbox::Handler<serde_json::Value> for Count {
 
 /// A queue that the inbox consumer declared (and left), holding 50 messages published before
 /// the alarm: the consumer is started again during the alarm and must apply them all.
-async fn backlog_for_the_alarm(db: &TestDb, round: usize) -> outbox::inbox::ConsumerConfig {
+async fn backlog_for_the_alarm(inbox: &InboxDb, round: usize) -> outbox::inbox::ConsumerConfig {
     sqlx::query("CREATE TABLE IF NOT EXISTS consumed (n BIGINT NOT NULL)")
-        .execute(&db.pool)
+        .execute(&inbox.pool)
         .await
         .unwrap();
     sqlx::query("DELETE FROM consumed")
-        .execute(&db.pool)
+        .execute(&inbox.pool)
         .await
         .unwrap();
     sqlx::query("INSERT INTO consumed VALUES (0)")
-        .execute(&db.pool)
+        .execute(&inbox.pool)
         .await
         .unwrap();
     let mut config = outbox::inbox::ConsumerConfig::new(
@@ -94,7 +96,7 @@ async fn backlog_for_the_alarm(db: &TestDb, round: usize) -> outbox::inbox::Cons
     config.queue_ttl = Some(Duration::from_secs(600));
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(outbox::inbox::consume(
-        db.pool.clone(),
+        inbox.pool.clone(),
         config.clone(),
         Count,
         stop.clone(),
@@ -157,8 +159,8 @@ async fn backlog_for_the_alarm(db: &TestDb, round: usize) -> outbox::inbox::Cons
 /// A relay of its own, blocked by the alarm with publishes waiting: SIGTERM stops it within
 /// the grace period (plus a second to close its connection), and the rows it could not get
 /// confirmed stay pending.
-async fn sigterm_while_blocked_exits_within_the_grace_period() {
-    let db = TestDb::new().await;
+async fn sigterm_while_blocked_exits_within_the_grace_period(backend: Backend) {
+    let db = Db::new(backend).await;
     let queue = TestQueue::new().await;
     let mut relay = Relay::start(&db.url, &db.table, &[("OUTBOX_SHUTDOWN_GRACE", "2s")]);
     for seq in 0..5 {
@@ -186,101 +188,110 @@ async fn sigterm_while_blocked_exits_within_the_grace_period() {
     println!("SIGTERM during the memory alarm: exited 0 after {took:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_and_disk_alarms_block_the_relay_which_reports_and_resumes_without_loss() {
-    let db = TestDb::new().await;
-    let queue = TestQueue::new().await;
-    let relay = Relay::start(&db.url, &db.table, &[("OUTBOX_CONFIRM_TIMEOUT", "5s")]);
-    eventually("the relay to be ready", Duration::from_secs(20), || async {
-        relay.get("/readyz").await.0 == 200
-    })
-    .await;
-    let settings = BrokerSettings::save();
-    let mut ids = HashSet::new();
+/// The alarms are broker-wide: the backends' tests take turns.
+static SERIALLY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-    let alarms: [(&str, &[&str]); 2] = [
-        ("memory", &["set_vm_memory_high_watermark", "0.000001"]),
-        ("disk", &["set_disk_free_limit", "100000GB"]),
-    ];
-    for (round, (resource, raise)) in alarms.into_iter().enumerate() {
-        let backlog = backlog_for_the_alarm(&db, round).await;
-        rabbitmqctl(raise);
-        // RabbitMQ tells a connection it is blocked when it next publishes.
-        for seq in 0..20 {
-            ids.insert(
-                db.insert(&queue.name, Some("k"), json!({"round": round, "seq": seq}))
-                    .await,
-            );
-        }
-        eventually(
-            &format!("{resource} alarm to be reported"),
-            Duration::from_secs(30),
-            || async { relay.metric("outbox_broker_blocked").await == Some(1.0) },
-        )
-        .await;
-        if resource == "memory" {
-            sigterm_while_blocked_exits_within_the_grace_period().await;
-        }
-        let (code, body) = relay.get("/readyz").await;
-        assert_eq!(code, 503, "{body}");
-        assert!(
-            body.contains("broker blocked publishing") && body.contains(resource),
-            "{body}"
-        );
-        assert!(
-            relay.get("/").await.1.contains(resource),
-            "status page does not show the alarm"
-        );
-
-        // An inbox consumer, on its own connections, drains its queue during the alarm.
-        let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(outbox::inbox::consume(
-            db.pool.clone(),
-            backlog.clone(),
-            Count,
-            stop.clone(),
-        ));
-        eventually(
-            "the inbox consumer to apply its backlog during the alarm",
-            Duration::from_secs(30),
-            || async {
-                sqlx::query_scalar::<_, i64>("SELECT n FROM consumed")
-                    .fetch_one(&db.pool)
-                    .await
-                    .unwrap()
-                    == 50
-            },
-        )
-        .await;
-        stop.cancel();
-        assert_eq!(
-            relay.metric("outbox_broker_blocked").await,
-            Some(1.0),
-            "the alarm ended too soon to prove anything"
-        );
-
-        // Rows committed during the alarm wait.
-        for seq in 20..40 {
-            ids.insert(
-                db.insert(&queue.name, Some("k"), json!({"round": round, "seq": seq}))
-                    .await,
-            );
-        }
-        settings.restore();
-        eventually("the relay to resume", Duration::from_secs(30), || async {
-            relay.metric("outbox_broker_blocked").await == Some(0.0)
-                && relay.get("/readyz").await.0 == 200
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_and_disk_alarms_block_the_relay_which_reports_and_resumes_without_loss(
+        backend: Backend,
+    ) {
+        let _turn = SERIALLY.lock().await;
+        let db = Db::new(backend).await;
+        let inbox = InboxDb::for_db(&db).await;
+        let queue = TestQueue::new().await;
+        let relay = Relay::start(&db.url, &db.table, &[("OUTBOX_CONFIRM_TIMEOUT", "5s")]);
+        eventually("the relay to be ready", Duration::from_secs(20), || async {
+            relay.get("/readyz").await.0 == 200
         })
         .await;
-        queue
-            .wait_for_distinct(ids.len(), Duration::from_secs(60))
+        let settings = BrokerSettings::save();
+        let mut ids = HashSet::new();
+
+        let alarms: [(&str, &[&str]); 2] = [
+            ("memory", &["set_vm_memory_high_watermark", "0.000001"]),
+            ("disk", &["set_disk_free_limit", "100000GB"]),
+        ];
+        for (round, (resource, raise)) in alarms.into_iter().enumerate() {
+            let backlog = backlog_for_the_alarm(&inbox, round).await;
+            rabbitmqctl(raise);
+            // RabbitMQ tells a connection it is blocked when it next publishes.
+            for seq in 0..20 {
+                ids.insert(
+                    db.insert(&queue.name, Some("k"), json!({"round": round, "seq": seq}))
+                        .await,
+                );
+            }
+            eventually(
+                &format!("{resource} alarm to be reported"),
+                Duration::from_secs(30),
+                || async { relay.metric("outbox_broker_blocked").await == Some(1.0) },
+            )
             .await;
+            if resource == "memory" {
+                sigterm_while_blocked_exits_within_the_grace_period(backend).await;
+            }
+            let (code, body) = relay.get("/readyz").await;
+            assert_eq!(code, 503, "{body}");
+            assert!(
+                body.contains("broker blocked publishing") && body.contains(resource),
+                "{body}"
+            );
+            assert!(
+                relay.get("/").await.1.contains(resource),
+                "status page does not show the alarm"
+            );
+
+            // An inbox consumer, on its own connections, drains its queue during the alarm.
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(outbox::inbox::consume(
+                inbox.pool.clone(),
+                backlog.clone(),
+                Count,
+                stop.clone(),
+            ));
+            eventually(
+                "the inbox consumer to apply its backlog during the alarm",
+                Duration::from_secs(30),
+                || async {
+                    sqlx::query_scalar::<_, i64>("SELECT n FROM consumed")
+                        .fetch_one(&inbox.pool)
+                        .await
+                        .unwrap()
+                        == 50
+                },
+            )
+            .await;
+            stop.cancel();
+            assert_eq!(
+                relay.metric("outbox_broker_blocked").await,
+                Some(1.0),
+                "the alarm ended too soon to prove anything"
+            );
+
+            // Rows committed during the alarm wait.
+            for seq in 20..40 {
+                ids.insert(
+                    db.insert(&queue.name, Some("k"), json!({"round": round, "seq": seq}))
+                        .await,
+                );
+            }
+            settings.restore();
+            eventually("the relay to resume", Duration::from_secs(30), || async {
+                relay.metric("outbox_broker_blocked").await == Some(0.0)
+                    && relay.get("/readyz").await.0 == 200
+            })
+            .await;
+            queue
+                .wait_for_distinct(ids.len(), Duration::from_secs(60))
+                .await;
+        }
+        let got: HashSet<String> = queue.received().into_iter().map(|m| m.message_id).collect();
+        assert_eq!(got, ids);
+        let log = relay.log_text();
+        assert!(
+            log.matches("broker blocked publishing").count() >= 2,
+            "one warning per change expected:\n{log}"
+        );
     }
-    let got: HashSet<String> = queue.received().into_iter().map(|m| m.message_id).collect();
-    assert_eq!(got, ids);
-    let log = relay.log_text();
-    assert!(
-        log.matches("broker blocked publishing").count() >= 2,
-        "one warning per change expected:\n{log}"
-    );
 }

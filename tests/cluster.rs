@@ -51,7 +51,7 @@ async fn the_relay_fails_over_when_nodes_of_the_cluster_are_lost() {
     cluster(&["start"]);
     let _teardown = Teardown;
     let urls: Vec<String> = cluster(&["urls"]).split(',').map(str::to_owned).collect();
-    let w = Workload::start(&urls, QueueType::Quorum, false).await;
+    let w = Workload::start(Backend::Postgres, &urls, QueueType::Quorum, false).await;
     let members = Command::new("rabbitmqctl")
         .args([
             "-q",

@@ -1,19 +1,19 @@
 //! Leadership at the store: one lock per table as the database resolves it, a lease that the
-//! database ends when its holder goes silent, and marks fenced by the leadership term.
+//! database ends when its holder goes silent, and marks fenced by the leadership term; on
+//! both backends, each test body generic over the backend's store type.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use outbox::store::postgres::PgStore;
 use outbox::store::{Failure, Lease};
-use outbox::{Store, StoreOptions, TableName};
+use outbox::{StoreOptions, TableName};
 use serde_json::json;
 
-fn store_for(db: &TestDb, table: &str, lease_timeout: Duration) -> PgStore {
-    PgStore::new(
-        db.pool.clone(),
+fn store_for<S: TestStore>(db: &Db, table: &str, lease_timeout: Duration) -> S {
+    S::open(
+        db,
         StoreOptions {
             lease_timeout,
             ..StoreOptions::new(TableName::new(table).unwrap())
@@ -21,30 +21,17 @@ fn store_for(db: &TestDb, table: &str, lease_timeout: Duration) -> PgStore {
     )
 }
 
-async fn row_id(db: &TestDb, message_id: &str) -> i64 {
-    sqlx::query_scalar("SELECT id FROM outbox WHERE message_id = $1::uuid")
-        .bind(message_id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-}
-
-#[tokio::test]
-async fn a_mark_written_by_a_relay_that_lost_the_table_changes_nothing() {
-    let db = TestDb::new().await;
-    let store = db.store();
+async fn fenced_marks<S: TestStore>(db: &Db) {
+    let store = S::open(db, db.store_options());
     let mut old = store.lease().await.unwrap();
     let old_term = old.try_acquire().await.unwrap().expect("the table is free");
     let first = db.insert("q", Some("k"), json!({"seq": 1})).await;
     let second = db.insert("q", Some("k"), json!({"seq": 2})).await;
-    let (first, second) = (row_id(&db, &first).await, row_id(&db, &second).await);
+    let (first, second) = (db.row_id(&first).await, db.row_id(&second).await);
 
     // The old leader's session ends (its host vanished); a new leader takes the table and
     // records a failure of the first row, which holds its key back.
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'outbox relay lease' AND datname = current_database()")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    db.end_lease_sessions().await;
     let mut new = store.lease().await.unwrap();
     let new_term = new
         .try_acquire()
@@ -69,25 +56,31 @@ async fn a_mark_written_by_a_relay_that_lost_the_table_changes_nothing() {
     new.look().await.unwrap();
 }
 
-#[tokio::test]
-async fn the_lock_is_the_table_as_the_database_resolves_it() {
-    let db = TestDb::new().await;
-    let lower = store_for(&db, "outbox", Duration::from_secs(10));
-    let upper = store_for(&db, "Outbox", Duration::from_secs(10));
+/// `OUTBOX_TABLE=Outbox` and `=outbox` name one table, as PostgreSQL folds unquoted names
+/// (the MySQL store takes the name in lower case likewise): one leader. The same table in
+/// another database of the same server has a leader of its own (MySQL's named locks are
+/// server-wide).
+async fn one_lock_per_table<S: TestStore>(db: &Db, other: &Db) {
+    let lower: S = store_for(db, "outbox", Duration::from_secs(10));
+    let upper: S = store_for(db, "Outbox", Duration::from_secs(10));
+    let elsewhere: S = store_for(other, "outbox", Duration::from_secs(10));
     let mut a = lower.lease().await.unwrap();
     let mut b = upper.lease().await.unwrap();
+    let mut c = elsewhere.lease().await.unwrap();
     assert!(a.try_acquire().await.unwrap().is_some());
     assert_eq!(
         b.try_acquire().await.unwrap(),
         None,
         "OUTBOX_TABLE=Outbox and =outbox name one table: one leader"
     );
+    assert!(
+        c.try_acquire().await.unwrap().is_some(),
+        "the table of another database has a leader of its own"
+    );
 }
 
-#[tokio::test]
-async fn the_database_ends_a_silent_lease_and_releases_the_table() {
-    let db = TestDb::new().await;
-    let store = store_for(&db, "outbox", Duration::from_secs(1));
+async fn silent_lease_ended<S: TestStore>(db: &Db) {
+    let store: S = store_for(db, "outbox", Duration::from_secs(1));
     let mut silent = store.lease().await.unwrap();
     assert!(silent.try_acquire().await.unwrap().is_some());
     // The holder says nothing more, as if its host had vanished.
@@ -102,4 +95,24 @@ async fn the_database_ends_a_silent_lease_and_releases_the_table() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(silent.look().await.is_err(), "the silent session was ended");
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn a_mark_written_by_a_relay_that_lost_the_table_changes_nothing(backend: Backend) {
+        let db = Db::new(backend).await;
+        for_store!(backend, |S| fenced_marks::<S>(&db).await);
+    }
+
+    #[tokio::test]
+    async fn the_lock_is_the_table_as_the_database_resolves_it(backend: Backend) {
+        let (db, other) = (Db::new(backend).await, Db::new(backend).await);
+        for_store!(backend, |S| one_lock_per_table::<S>(&db, &other).await);
+    }
+
+    #[tokio::test]
+    async fn the_database_ends_a_silent_lease_and_releases_the_table(backend: Backend) {
+        let db = Db::new(backend).await;
+        for_store!(backend, |S| silent_lease_ended::<S>(&db).await);
+    }
 }

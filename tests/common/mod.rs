@@ -1,12 +1,18 @@
-//! Helpers shared by the integration tests: a database per test, an exchange and queue per
-//! test, the real `outbox` binary as a child process, and deadline-based waits.
+//! Helpers shared by the integration tests: a database per test (on either backend, see
+//! `db.rs`), an exchange and queue per test, the real `outbox` binary as a child process, and
+//! deadline-based waits.
 #![allow(dead_code)]
 
+pub mod db;
 pub mod mysql;
 pub mod proxy;
 pub mod workload;
 
-#[allow(unused_imports)] // not every test file uses the proxy
+#[allow(unused_imports)] // not every test file uses each of them
+pub use crate::{for_store, on_both_backends};
+#[allow(unused_imports)]
+pub use db::{Backend, Db, DbHandle, InboxDb, Row, ServiceTx, TestStore};
+#[allow(unused_imports)]
 pub use proxy::Proxy;
 
 use std::future::Future;
@@ -61,7 +67,8 @@ where
     }
 }
 
-/// A database of its own, migrated, dropped when the test ends.
+/// A PostgreSQL database of its own, migrated, dropped when the test ends (the tests of one
+/// backend only; relay tests use [`Db`]).
 pub struct TestDb {
     pub name: String,
     pub url: String,

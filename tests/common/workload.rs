@@ -1,6 +1,8 @@
 //! A workload for fault tests: a producer committing rows over many ordering keys, the relay's
 //! output recorded at the broker, and an inbox consumer applying it; with the checks that
 //! every committed row arrives, first deliveries keep their key's order and effects happen once.
+//! The outbox is on either backend; the consumer's inbox and effects are on PostgreSQL
+//! ([`InboxDb`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,13 +17,14 @@ use serde::Deserialize;
 use sqlx::postgres::PgConnection;
 use tokio_util::sync::CancellationToken;
 
-use super::{TestDb, eventually, unique};
+use super::db::{Backend, Db, DbHandle, InboxDb, Row};
+use super::{eventually, unique};
 
 /// Ordering keys the producer cycles through.
 const KEYS: i64 = 40;
 
 #[derive(Deserialize)]
-struct Row {
+struct Body {
     key: String,
     seq: i64,
 }
@@ -30,8 +33,12 @@ struct Row {
 #[derive(Clone)]
 struct Apply;
 
-impl Handler<Row> for Apply {
-    async fn handle(&self, tx: &mut PgConnection, msg: &Incoming<Row>) -> Result<(), HandlerError> {
+impl Handler<Body> for Apply {
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        msg: &Incoming<Body>,
+    ) -> Result<(), HandlerError> {
         sqlx::query("INSERT INTO effects (message_id, key, seq) VALUES ($1, $2, $3)")
             .bind(&msg.message_id)
             .bind(&msg.body.key)
@@ -44,7 +51,9 @@ impl Handler<Row> for Apply {
 
 /// What the fault tests share.
 pub struct Workload {
-    pub db: TestDb,
+    pub db: Db,
+    /// Where the consumer applies the messages.
+    inbox: InboxDb,
     committed: Arc<Mutex<Vec<String>>>,
     maybe: Arc<Mutex<Vec<String>>>,
     recorded: Recorded,
@@ -62,13 +71,20 @@ pub struct Totals {
 }
 
 impl Workload {
-    /// Declares an exchange and a recording queue on `amqp_urls[0]`, starts an inbox consumer
-    /// (and, if `record`, a raw recorder that counts duplicates at the broker) over all of
-    /// them, and a producer committing rows for that exchange.
-    pub async fn start(amqp_urls: &[String], queue_type: QueueType, record: bool) -> Self {
-        let db = TestDb::new().await;
+    /// Creates a database on `backend`, declares an exchange and a recording queue on
+    /// `amqp_urls[0]`, starts an inbox consumer (and, if `record`, a raw recorder that counts
+    /// duplicates at the broker) over all of them, and a producer committing rows for that
+    /// exchange.
+    pub async fn start(
+        backend: Backend,
+        amqp_urls: &[String],
+        queue_type: QueueType,
+        record: bool,
+    ) -> Self {
+        let db = Db::new(backend).await;
+        let inbox = InboxDb::for_db(&db).await;
         sqlx::query("CREATE TABLE effects (applied BIGSERIAL PRIMARY KEY, message_id TEXT NOT NULL, key TEXT NOT NULL, seq BIGINT NOT NULL)")
-            .execute(&db.pool)
+            .execute(&inbox.pool)
             .await
             .unwrap();
         let exchange = unique("fault");
@@ -91,11 +107,11 @@ impl Workload {
         config.concurrency = 1;
         config.queue_type = queue_type;
         config.queue_ttl = Some(Duration::from_secs(900));
-        tokio::spawn(consume(db.pool.clone(), config, Apply, stop.clone()));
+        tokio::spawn(consume(inbox.pool.clone(), config, Apply, stop.clone()));
         let (committed, maybe, producing) =
             (Arc::default(), Arc::default(), CancellationToken::new());
         let producer = tokio::spawn(produce(
-            db.pool.clone(),
+            db.handle(),
             exchange,
             Arc::clone(&committed),
             Arc::clone(&maybe),
@@ -103,6 +119,7 @@ impl Workload {
         ));
         let w = Workload {
             db,
+            inbox,
             committed,
             maybe,
             recorded,
@@ -131,7 +148,7 @@ impl Workload {
         let deadline = since + Duration::from_secs(90);
         loop {
             let applied: HashSet<String> = sqlx::query_scalar("SELECT message_id FROM effects")
-                .fetch_all(&self.db.pool)
+                .fetch_all(&self.inbox.pool)
                 .await
                 .unwrap_or_default()
                 .into_iter()
@@ -147,8 +164,9 @@ impl Workload {
                 break;
             }
             if Instant::now() > deadline {
-                let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-                    .fetch_one(&self.db.pool)
+                let pending = self
+                    .db
+                    .try_scalar("SELECT count(*) FROM outbox")
                     .await
                     .unwrap_or(-1);
                 panic!(
@@ -176,7 +194,7 @@ impl Workload {
         self.converge("final").await;
         let effects: Vec<(String, String, i64)> =
             sqlx::query_as("SELECT message_id, key, seq FROM effects ORDER BY applied")
-                .fetch_all(&self.db.pool)
+                .fetch_all(&self.inbox.pool)
                 .await
                 .unwrap();
         let ids: HashSet<&String> = effects.iter().map(|e| &e.0).collect();
@@ -264,7 +282,7 @@ async fn declare(url: &str, exchange: &str, queue: &str, queue_type: QueueType) 
 
 /// Commits a row every few milliseconds; on an error the row may or may not exist.
 async fn produce(
-    pool: sqlx::PgPool,
+    db: DbHandle,
     exchange: String,
     committed: Arc<Mutex<Vec<String>>>,
     maybe: Arc<Mutex<Vec<String>>>,
@@ -273,17 +291,12 @@ async fn produce(
     let mut seq = 0i64;
     while !stop.is_cancelled() {
         let id = uuid::Uuid::new_v4().to_string();
-        let insert = sqlx::query(
-            "INSERT INTO outbox (message_id, exchange, routing_key, ordering_key, payload)
-             VALUES ($1::uuid, $2, 'row', $3, jsonb_build_object('key', $3::text, 'seq', $4::bigint))",
-        )
-        .bind(&id)
-        .bind(&exchange)
-        .bind(format!("k{}", seq % KEYS))
-        .bind(seq)
-        .execute(&pool)
-        .await;
-        match insert {
+        let key = format!("k{}", seq % KEYS);
+        let row = Row::new("row", serde_json::json!({"key": key, "seq": seq}))
+            .message_id(&id)
+            .exchange(&exchange)
+            .key(&key);
+        match db.try_insert_row(&row).await {
             Ok(_) => committed.lock().unwrap().push(id),
             Err(_) => {
                 maybe.lock().unwrap().push(id);
@@ -340,7 +353,7 @@ impl Recorded {
                     .map(|s| s.to_string())
                     .unwrap_or_default();
                 if self.seen.lock().unwrap().insert(id.clone()) {
-                    let row: Row = serde_json::from_slice(&d.data).unwrap();
+                    let row: Body = serde_json::from_slice(&d.data).unwrap();
                     self.first.lock().unwrap().push((id, row.key, row.seq));
                 } else if !d.redelivered {
                     *self.duplicates.lock().unwrap() += 1;
