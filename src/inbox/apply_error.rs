@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::HandlerError;
 use super::database::Backend;
+use crate::error::is_retryable_db;
 
 /// Why an attempt failed.
 pub(super) enum ApplyError {
@@ -20,17 +21,17 @@ pub(super) enum ApplyError {
 }
 
 impl ApplyError {
-    /// Not the message's fault (judged as `DB` judges its errors): retried without
-    /// counting an attempt.
-    pub(super) fn is_transient<DB: Backend>(&self) -> bool {
+    /// Not the message's fault (a lost connection, a deadlock, a lock wait that timed out,
+    /// on either backend): retried without counting an attempt.
+    pub(super) fn is_transient(&self) -> bool {
         match self {
-            ApplyError::Database(e) => DB::is_transient(e),
+            ApplyError::Database(e) => is_retryable_db(e),
             ApplyError::Handler(e) => {
                 if let Some(e) = e.downcast_ref::<sqlx::Error>() {
-                    return DB::is_transient(e);
+                    return is_retryable_db(e);
                 }
                 match e.downcast_ref::<crate::Error>() {
-                    Some(crate::Error::Database(e)) => DB::is_transient(e),
+                    Some(crate::Error::Database(e)) => is_retryable_db(e),
                     Some(e) => e.is_retryable(),
                     None => false,
                 }

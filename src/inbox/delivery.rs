@@ -15,6 +15,7 @@ use super::apply_error::{ApplyError, failed_earlier};
 use super::database::{Database, Leased};
 use super::dead_letter::DeadLetters;
 use super::{ConsumerConfig, Handler, Incoming};
+use crate::error::is_retryable_db;
 use crate::metrics as m;
 
 /// How long an ack or nack may take before the connection is presumed gone.
@@ -118,7 +119,7 @@ where
                 Err((failed, e)) => {
                     tracing::debug!(consumer = %self.consumer, error = %e, "batch rolled back: applying its messages one by one");
                     // The message whose handler failed has had its first attempt.
-                    if let Some(at) = failed.filter(|_| !e.is_transient::<DB>()) {
+                    if let Some(at) = failed.filter(|_| !e.is_transient()) {
                         self.count_failure(&parsed[at].1, &e, 1);
                         first_failed = Some(at);
                     }
@@ -221,7 +222,7 @@ where
             match self.apply(message).await {
                 Ok(true) => return Verdict::Applied,
                 Ok(false) => return Verdict::Duplicate,
-                Err(e) if e.is_transient::<DB>() => {
+                Err(e) if e.is_transient() => {
                     tracing::debug!(consumer = %self.consumer, message_id = %message.message_id, error = %e, "transient failure: retrying");
                 }
                 Err(e) => {
@@ -358,7 +359,7 @@ where
     ) -> Result<(), ApplyError> {
         match DB::count_recorded(tx, &self.sql, &self.consumer, ids).await {
             Ok(n) if n == ids.len() as i64 => Ok(()),
-            Err(e) if DB::is_transient(&e) => Err(ApplyError::Database(e)),
+            Err(e) if is_retryable_db(&e) => Err(ApplyError::Database(e)),
             _ => Err(ApplyError::Aborted),
         }
     }

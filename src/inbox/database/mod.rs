@@ -84,10 +84,6 @@ mod sealed {
             limit: u64,
         ) -> impl Future<Output = sqlx::Result<u64>> + Send;
 
-        /// Not the message's fault: a lost connection, a deadlock, a lock wait that timed
-        /// out. Retried without counting an attempt.
-        fn is_transient(e: &sqlx::Error) -> bool;
-
         /// The error says an earlier statement of the transaction failed, so whoever
         /// reports it is not necessarily to blame.
         fn failed_earlier(_e: &sqlx::Error) -> bool {

@@ -9,16 +9,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnection, MySqlDatabaseError};
+use sqlx::mysql::MySqlConnection;
 use sqlx::{AssertSqlSafe, MySql, SqlSafeStr, SqlStr, Transaction};
 
 use super::{Backend, Database};
-use crate::error::is_retryable_db;
 use crate::inbox::ConsumerConfig;
-
-/// Server error numbers that are not the message's fault: lock wait timeout, deadlock,
-/// connection killed, and MariaDB's disconnect of an idle client.
-const TRANSIENT: [u16; 4] = [1205, 1213, 1927, 4031];
 
 /// Message ids per statement: two placeholders each, far below MySQL's 65 535.
 const IDS_PER_STATEMENT: usize = 1000;
@@ -201,12 +196,5 @@ impl Backend for MySql {
             .execute(conn)
             .await?;
         Ok(done.rows_affected())
-    }
-
-    fn is_transient(e: &sqlx::Error) -> bool {
-        is_retryable_db(e)
-            || e.as_database_error()
-                .and_then(|db| db.try_downcast_ref::<MySqlDatabaseError>())
-                .is_some_and(|db| TRANSIENT.contains(&db.number()))
     }
 }

@@ -8,7 +8,6 @@ use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Postgres, SqlSafeStr, SqlStr, Transaction};
 
 use super::{Backend, Database};
-use crate::error::is_retryable_db;
 use crate::inbox::ConsumerConfig;
 
 /// PostgreSQL's "current transaction is aborted, commands ignored until end of transaction
@@ -131,10 +130,6 @@ impl Backend for Postgres {
             .execute(conn)
             .await?;
         Ok(done.rows_affected())
-    }
-
-    fn is_transient(e: &sqlx::Error) -> bool {
-        is_retryable_db(e)
     }
 
     fn failed_earlier(e: &sqlx::Error) -> bool {
