@@ -4,7 +4,7 @@
 //! The alarms are broker-wide, so this file holds one test that raises them in turn, once
 //! per backend (they take turns: see `SERIALLY`); its guard puts the
 //! broker's settings back even when an assertion fails. The inbox consumer keeps its records
-//! on PostgreSQL whatever the relay's backend.
+//! in the relay's database, on either backend.
 
 mod common;
 
@@ -60,34 +60,27 @@ impl Drop for BrokerSettings {
 #[derive(Clone)]
 struct Count;
 
-impl outbox::inbox::Handler<serde_json::Value> for Count {
+impl<DB: outbox::inbox::Database> outbox::inbox::Handler<serde_json::Value, DB> for Count
+where
+    DB::Connection: HandlerTx,
+{
     async fn handle(
         &self,
-        tx: &mut sqlx::PgConnection,
+        tx: &mut DB::Connection,
         _msg: &outbox::inbox::Incoming<serde_json::Value>,
     ) -> Result<(), outbox::inbox::HandlerError> {
-        sqlx::query("UPDATE consumed SET n = n + 1")
-            .execute(tx)
-            .await?;
+        tx.run("UPDATE consumed SET n = n + 1", &[]).await?;
         Ok(())
     }
 }
 
 /// A queue that the inbox consumer declared (and left), holding 50 messages published before
 /// the alarm: the consumer is started again during the alarm and must apply them all.
-async fn backlog_for_the_alarm(inbox: &InboxDb, round: usize) -> outbox::inbox::ConsumerConfig {
-    sqlx::query("CREATE TABLE IF NOT EXISTS consumed (n BIGINT NOT NULL)")
-        .execute(&inbox.pool)
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM consumed")
-        .execute(&inbox.pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO consumed VALUES (0)")
-        .execute(&inbox.pool)
-        .await
-        .unwrap();
+async fn backlog_for_the_alarm(db: &Db, round: usize) -> outbox::inbox::ConsumerConfig {
+    db.execute("CREATE TABLE IF NOT EXISTS consumed (n BIGINT NOT NULL)")
+        .await;
+    db.execute("DELETE FROM consumed").await;
+    db.execute("INSERT INTO consumed VALUES (0)").await;
     let mut config = outbox::inbox::ConsumerConfig::new(
         vec![amqp_url()],
         format!("alarm-{round}"),
@@ -95,12 +88,7 @@ async fn backlog_for_the_alarm(inbox: &InboxDb, round: usize) -> outbox::inbox::
     );
     config.queue_ttl = Some(Duration::from_secs(600));
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(outbox::inbox::consume(
-        inbox.pool.clone(),
-        config.clone(),
-        Count,
-        stop.clone(),
-    ));
+    db.pool.consume(config.clone(), Count, stop.clone());
     let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
         .await
         .unwrap();
@@ -198,7 +186,6 @@ on_both_backends! {
     ) {
         let _turn = SERIALLY.lock().await;
         let db = Db::new(backend).await;
-        let inbox = InboxDb::for_db(&db).await;
         let queue = TestQueue::new().await;
         let relay = Relay::start(&db.url, &db.table, &[("OUTBOX_CONFIRM_TIMEOUT", "5s")]);
         eventually("the relay to be ready", Duration::from_secs(20), || async {
@@ -213,7 +200,7 @@ on_both_backends! {
             ("disk", &["set_disk_free_limit", "100000GB"]),
         ];
         for (round, (resource, raise)) in alarms.into_iter().enumerate() {
-            let backlog = backlog_for_the_alarm(&inbox, round).await;
+            let backlog = backlog_for_the_alarm(&db, round).await;
             rabbitmqctl(raise);
             // RabbitMQ tells a connection it is blocked when it next publishes.
             for seq in 0..20 {
@@ -244,22 +231,11 @@ on_both_backends! {
 
             // An inbox consumer, on its own connections, drains its queue during the alarm.
             let stop = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(outbox::inbox::consume(
-                inbox.pool.clone(),
-                backlog.clone(),
-                Count,
-                stop.clone(),
-            ));
+            db.pool.consume(backlog.clone(), Count, stop.clone());
             eventually(
                 "the inbox consumer to apply its backlog during the alarm",
                 Duration::from_secs(30),
-                || async {
-                    sqlx::query_scalar::<_, i64>("SELECT n FROM consumed")
-                        .fetch_one(&inbox.pool)
-                        .await
-                        .unwrap()
-                        == 50
-                },
+                || async { db.scalar("SELECT n FROM consumed").await == 50 },
             )
             .await;
             stop.cancel();

@@ -5,7 +5,6 @@ mod common;
 
 use std::process::Command;
 
-use common::mysql::MySqlDb;
 use common::*;
 
 /// The demo binary that `cargo test` builds beside the tests.
@@ -28,8 +27,8 @@ fn demo_bin() -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_order_is_settled_exactly_once_under_chaos() {
-    let orders = TestDb::new().await;
-    let payments = MySqlDb::new().await;
+    let orders = Db::new(Backend::Postgres).await;
+    let payments = Db::new(Backend::Mysql).await;
     let out = Command::new(demo_bin())
         .args(["--orders", "300", "--chaos", "--json", "--timeout", "120"])
         .env("ORDERS_DATABASE_URL", &orders.url)
@@ -57,7 +56,7 @@ async fn every_order_is_settled_exactly_once_under_chaos() {
     // The test reads the databases itself rather than trusting the summary.
     let statuses: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY 1 ORDER BY 1")
-            .fetch_all(&orders.pool)
+            .fetch_all(orders.pg())
             .await
             .unwrap();
     let total: i64 = statuses.iter().map(|s| s.1).sum();
@@ -74,7 +73,7 @@ async fn every_order_is_settled_exactly_once_under_chaos() {
         "both the payment and the compensation path ran: {statuses:?}"
     );
     let per_order: Vec<i64> = sqlx::query_scalar("SELECT count(*) FROM payments GROUP BY order_id")
-        .fetch_all(&payments.pool)
+        .fetch_all(payments.my())
         .await
         .unwrap();
     assert_eq!(per_order.len(), 300);

@@ -1,4 +1,4 @@
-//! The database a relay test runs on, on either backend: [`Db`] creates a database of its own
+//! The database a test runs on, on either backend: [`Db`] creates a database of its own
 //! on PostgreSQL or MariaDB/MySQL, migrates it and drops it at the end, and exposes what the
 //! tests do to it without naming the backend. Every piece of SQL that differs between the
 //! backends is in this file; [`on_both_backends!`](crate::on_both_backends) turns one test
@@ -8,15 +8,17 @@ use std::collections::HashSet;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Deref;
 use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use outbox::store::mysql::MyStore;
 use outbox::store::postgres::PgStore;
 use outbox::{Message, Store, StoreOptions, TableName};
-use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
-use sqlx::postgres::PgConnection;
-use sqlx::{AssertSqlSafe, MySql, PgPool, Postgres, Transaction};
+use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::postgres::{PgConnection, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, FromRow, MySql, PgPool, Postgres, Transaction};
 
-use super::{START_HINT, TestDb, outbox_bin, pg_server, unique};
+use super::{START_HINT, outbox_bin, pg_server, unique};
 
 /// Generates, for each `async fn name(backend: Backend) { .. }`, a module `name` holding the
 /// tests `postgres` and `mysql`, which run the body on that backend. The attributes written
@@ -104,20 +106,101 @@ impl Backend {
             .unwrap()
     }
 
-    /// The URL scheme of the backend, as `DATABASE_URL` spells it.
+    /// The URL scheme of the backend, as `DATABASE_URL` spells it; also the folder of its
+    /// migrations.
     pub fn scheme(self) -> &'static str {
         match self {
             Backend::Postgres => "postgres",
             Backend::Mysql => "mysql",
         }
     }
+
+    /// Where test databases are created and dropped from.
+    fn admin_url(self) -> String {
+        match self {
+            Backend::Postgres => format!("{}/postgres", pg_server()),
+            Backend::Mysql => mysql_server(),
+        }
+    }
+
+    /// A column type for an increasing id that is the table's primary key.
+    pub fn auto_id(self) -> &'static str {
+        match self {
+            Backend::Postgres => "BIGSERIAL PRIMARY KEY",
+            Backend::Mysql => "BIGINT AUTO_INCREMENT PRIMARY KEY",
+        }
+    }
 }
 
-/// A pool on the test database.
+/// A pool on a test database, of either backend.
 #[derive(Clone, Debug)]
 pub enum Pool {
     Pg(PgPool),
     My(MySqlPool),
+}
+
+impl Pool {
+    /// A pool of at most `max` connections on `url`, a database of `backend`; fails the test
+    /// saying how to start the server when it is not reachable.
+    pub async fn connect(backend: Backend, url: &str, max: u32) -> Pool {
+        Self::try_connect(backend, url, max, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{backend:?} is not reachable at {url} ({e}): {START_HINT}"))
+    }
+
+    async fn try_connect(
+        backend: Backend,
+        url: &str,
+        max: u32,
+        timeout: Duration,
+    ) -> Result<Pool, sqlx::Error> {
+        Ok(match backend {
+            Backend::Postgres => Pool::Pg(
+                PgPoolOptions::new()
+                    .max_connections(max)
+                    .acquire_timeout(timeout)
+                    .connect(url)
+                    .await?,
+            ),
+            Backend::Mysql => Pool::My(
+                MySqlPoolOptions::new()
+                    .max_connections(max)
+                    .acquire_timeout(timeout)
+                    .connect(url)
+                    .await?,
+            ),
+        })
+    }
+
+    /// A pool on `url` that connects only when used (and keeps trying).
+    pub fn lazy(backend: Backend, url: &str) -> Pool {
+        match backend {
+            Backend::Postgres => Pool::Pg(PgPoolOptions::new().connect_lazy(url).unwrap()),
+            Backend::Mysql => Pool::My(MySqlPoolOptions::new().connect_lazy(url).unwrap()),
+        }
+    }
+
+    /// Runs `sql` (one or more statements, no parameters) as plain text, as a database's own
+    /// client would.
+    pub async fn try_execute(&self, sql: &str) -> Result<(), sqlx::Error> {
+        let sql = AssertSqlSafe(sql.to_owned());
+        match self {
+            Pool::Pg(p) => sqlx::raw_sql(sql).execute(p).await.map(drop),
+            Pool::My(p) => sqlx::raw_sql(sql).execute(p).await.map(drop),
+        }
+    }
+
+    /// The rows a query answers, as tuples or `FromRow` types.
+    pub async fn try_rows<T>(&self, sql: &str) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: for<'r> FromRow<'r, PgRow> + for<'r> FromRow<'r, MySqlRow> + Send + Unpin,
+    {
+        let sql = AssertSqlSafe(sql.to_owned());
+        match self {
+            Pool::Pg(p) => sqlx::query_as(sql).fetch_all(p).await,
+            Pool::My(p) => sqlx::query_as(sql).fetch_all(p).await,
+        }
+    }
 }
 
 /// A database of its own on `backend`, migrated, dropped when the test ends. It derefs to a
@@ -128,10 +211,8 @@ pub struct Db {
     pub url: String,
     pub table: TableName,
     handle: DbHandle,
-    /// The PostgreSQL database, dropped with it (PostgreSQL only).
-    _pg: Option<TestDb>,
-    /// Drops the MariaDB database and users (MySQL only).
-    _my: Option<MyDrop>,
+    /// Drops the database (and on MySQL the users the test created) when the test ends.
+    dropper: Dropper,
 }
 
 impl Deref for Db {
@@ -148,61 +229,45 @@ impl Db {
     }
 
     pub async fn with_table(backend: Backend, table: &str) -> Self {
-        match backend {
-            Backend::Postgres => {
-                let pg = TestDb::with_table(table).await;
-                Db {
-                    backend,
-                    name: pg.name.clone(),
-                    url: pg.url.clone(),
-                    table: pg.table.clone(),
-                    handle: DbHandle {
-                        backend,
-                        table: pg.table.clone(),
-                        pool: Pool::Pg(pg.pool.clone()),
-                    },
-                    _pg: Some(pg),
-                    _my: None,
-                }
-            }
-            Backend::Mysql => Self::mysql(table).await,
-        }
-    }
-
-    async fn mysql(table: &str) -> Self {
-        let name = unique("outbox_t");
-        let admin = mysql_admin().await;
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let guard = MyDrop {
-            name: name.clone(),
-            users: Default::default(),
-        };
-        let url = format!("{}/{name}", mysql_server());
-        let pool = MySqlPoolOptions::new()
-            .max_connections(20)
-            .connect(&url)
-            .await
-            .unwrap();
-        let table = TableName::new(table).unwrap();
-        let db = Db {
-            backend: Backend::Mysql,
-            name,
-            url,
-            table: table.clone(),
-            handle: DbHandle {
-                backend: Backend::Mysql,
-                table,
-                pool: Pool::My(pool),
-            },
-            _pg: None,
-            _my: Some(guard),
-        };
+        let db = Self::unmigrated(backend, table).await;
         db.migrate().await;
         db
+    }
+
+    /// A database of its own with no schema yet, for a test that applies it itself.
+    pub async fn unmigrated(backend: Backend, table: &str) -> Self {
+        let name = unique("outbox_t");
+        let admin = Pool::try_connect(backend, &backend.admin_url(), 1, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{backend:?} is not reachable at {} ({e}): {START_HINT}",
+                    backend.server()
+                )
+            });
+        admin
+            .try_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let dropper = Dropper {
+            backend,
+            name: name.clone(),
+            users: Mutex::default(),
+        };
+        let url = format!("{}/{name}", backend.server());
+        let table = TableName::new(table).unwrap();
+        Db {
+            backend,
+            name,
+            table: table.clone(),
+            handle: DbHandle {
+                backend,
+                table,
+                pool: Pool::connect(backend, &url, 20).await,
+            },
+            url,
+            dropper,
+        }
     }
 
     /// Applies the schema with the store's `migrate()`.
@@ -260,13 +325,7 @@ impl Db {
             Pool::My(p) => {
                 let user = unique("u");
                 let user = &user[..30]; // MariaDB user names: at most 80 chars, MySQL 32
-                self._my
-                    .as_ref()
-                    .unwrap()
-                    .users
-                    .lock()
-                    .unwrap()
-                    .push(user.into());
+                self.dropper.users.lock().unwrap().push(user.into());
                 sqlx::query(AssertSqlSafe(format!(
                     "CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"
                 )))
@@ -350,65 +409,55 @@ impl TestStore for MyStore {
     }
 }
 
-/// Connects to the MariaDB server, or fails saying how to start it.
-async fn mysql_admin() -> MySqlPool {
-    MySqlPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect(&mysql_server())
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "MariaDB/MySQL is not reachable at {} ({e}): {START_HINT}",
-                mysql_server()
-            )
-        })
-}
-
-/// Drops a MariaDB test database (after ending the sessions still in it) and its users.
-struct MyDrop {
+/// Drops a test database, after ending the sessions still in it (one frozen in a transaction
+/// would hold the DROP), and on MySQL the users the test created.
+struct Dropper {
+    backend: Backend,
     name: String,
-    users: std::sync::Mutex<Vec<String>>,
+    users: Mutex<Vec<String>>,
 }
 
-impl Drop for MyDrop {
+impl Drop for Dropper {
     fn drop(&mut self) {
-        let name = self.name.clone();
+        let (backend, name) = (self.backend, self.name.clone());
         let users = std::mem::take(&mut *self.users.lock().unwrap());
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(async {
-                let Ok(admin) = MySqlPool::connect(&mysql_server()).await else {
-                    return;
-                };
-                // An open transaction in the database would hold DROP DATABASE on its
-                // metadata lock: end every session in it first.
-                let sessions: Vec<i64> = sqlx::query_scalar(
-                    "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST WHERE DB = ? AND ID <> CONNECTION_ID()",
-                )
-                .bind(&name)
-                .fetch_all(&admin)
-                .await
-                .unwrap_or_default();
-                for id in sessions {
-                    let _ = sqlx::query(AssertSqlSafe(format!("KILL {id}")))
-                        .execute(&admin)
-                        .await;
-                }
-                let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
-                    .execute(&admin)
-                    .await;
-                for user in users {
-                    let _ = sqlx::query(AssertSqlSafe(format!("DROP USER IF EXISTS '{user}'@'%'")))
-                        .execute(&admin)
-                        .await;
-                }
-            })
+            rt.block_on(drop_database(backend, name, users))
         })
         .join();
+    }
+}
+
+async fn drop_database(backend: Backend, name: String, users: Vec<String>) {
+    let timeout = Duration::from_secs(5);
+    let Ok(admin) = Pool::try_connect(backend, &backend.admin_url(), 1, timeout).await else {
+        return;
+    };
+    let mut drops = Vec::new();
+    match backend {
+        Backend::Postgres => drops.push(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")),
+        Backend::Mysql => {
+            let sessions: Vec<(i64,)> = admin
+                .try_rows(&format!(
+                    "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST WHERE DB = '{name}' AND ID <> CONNECTION_ID()"
+                ))
+                .await
+                .unwrap_or_default();
+            drops.extend(sessions.into_iter().map(|(id,)| format!("KILL {id}")));
+            drops.push(format!("DROP DATABASE IF EXISTS {name}"));
+            drops.extend(
+                users
+                    .iter()
+                    .map(|u| format!("DROP USER IF EXISTS '{u}'@'%'")),
+            );
+        }
+    }
+    for sql in drops {
+        let _ = admin.try_execute(&sql).await;
     }
 }
 
@@ -715,11 +764,7 @@ impl DbHandle {
 
     /// Runs one statement of SQL that both backends understand.
     pub async fn execute(&self, sql: &str) {
-        let sql = AssertSqlSafe(sql.to_owned());
-        match &self.pool {
-            Pool::Pg(p) => drop(sqlx::query(sql).execute(p).await.unwrap()),
-            Pool::My(p) => drop(sqlx::query(sql).execute(p).await.unwrap()),
-        }
+        self.pool.try_execute(sql).await.unwrap()
     }
 
     /// The integer a query (SQL that both backends understand) answers.
@@ -729,20 +774,122 @@ impl DbHandle {
 
     /// The integer a query answers, or the error (a database that is being restarted).
     pub async fn try_scalar(&self, sql: &str) -> Result<i64, sqlx::Error> {
-        let sql = AssertSqlSafe(sql.to_owned());
-        match &self.pool {
-            Pool::Pg(p) => sqlx::query_scalar(sql).fetch_one(p).await,
-            Pool::My(p) => sqlx::query_scalar(sql).fetch_one(p).await,
-        }
+        let rows: Vec<(i64,)> = self.pool.try_rows(sql).await?;
+        rows.first().map(|r| r.0).ok_or(sqlx::Error::RowNotFound)
     }
 
     /// The strings a query answers, one per row.
     pub async fn strings(&self, sql: &str) -> Vec<String> {
-        let sql = AssertSqlSafe(sql.to_owned());
-        match &self.pool {
-            Pool::Pg(p) => sqlx::query_scalar(sql).fetch_all(p).await.unwrap(),
-            Pool::My(p) => sqlx::query_scalar(sql).fetch_all(p).await.unwrap(),
-        }
+        self.try_strings(sql).await.unwrap()
+    }
+
+    /// The strings a query answers, or the error (a database that is being restarted).
+    pub async fn try_strings(&self, sql: &str) -> Result<Vec<String>, sqlx::Error> {
+        let rows: Vec<(String,)> = self.pool.try_rows(sql).await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// The rows a query (SQL that both backends understand) answers, as tuples.
+    pub async fn rows<T>(&self, sql: &str) -> Vec<T>
+    where
+        T: for<'r> FromRow<'r, PgRow> + for<'r> FromRow<'r, MySqlRow> + Send + Unpin,
+    {
+        self.pool.try_rows(sql).await.unwrap()
+    }
+
+    /// The tables of the test database, sorted.
+    pub async fn tables(&self) -> Vec<String> {
+        self.strings(match self.backend {
+            Backend::Postgres => {
+                "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+            }
+            Backend::Mysql => {
+                "SELECT CAST(table_name AS CHAR) FROM information_schema.tables
+                 WHERE table_schema = DATABASE() ORDER BY 1"
+            }
+        })
+        .await
+    }
+
+    /// The names of the database's indexes, triggers and functions, sorted (MySQL names
+    /// every primary key `PRIMARY`: those are left out).
+    pub async fn object_names(&self) -> Vec<String> {
+        self.strings(match self.backend {
+            Backend::Postgres => {
+                "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public'
+                 UNION ALL SELECT tgname::text FROM pg_trigger WHERE NOT tgisinternal
+                 UNION ALL SELECT proname::text FROM pg_proc
+                     WHERE pronamespace = 'public'::regnamespace
+                 ORDER BY 1"
+            }
+            Backend::Mysql => {
+                "SELECT DISTINCT CAST(index_name AS CHAR) FROM information_schema.statistics
+                     WHERE table_schema = DATABASE() AND index_name <> 'PRIMARY'
+                 UNION ALL SELECT CAST(trigger_name AS CHAR) FROM information_schema.triggers
+                     WHERE trigger_schema = DATABASE()
+                 UNION ALL SELECT CAST(routine_name AS CHAR) FROM information_schema.routines
+                     WHERE routine_schema = DATABASE()
+                 ORDER BY 1"
+            }
+        })
+        .await
+    }
+
+    /// The database's schema as sorted lines: every column (table, name, type, nullability,
+    /// default), index, constraint and trigger, with its definition.
+    pub async fn schema(&self) -> Vec<String> {
+        self.strings(match self.backend {
+            Backend::Postgres => {
+                "SELECT format('%s.%s %s %s %s', table_name, column_name, data_type, is_nullable,
+                               column_default)
+                     FROM information_schema.columns WHERE table_schema = 'public'
+                 UNION ALL SELECT indexdef FROM pg_indexes WHERE schemaname = 'public'
+                 UNION ALL SELECT format('%s %s', conname, pg_get_constraintdef(oid))
+                     FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+                 UNION ALL SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal
+                 ORDER BY 1"
+            }
+            Backend::Mysql => {
+                "SELECT CAST(CONCAT_WS(' ', table_name, column_name, column_type, is_nullable,
+                                       column_default, extra) AS CHAR)
+                     FROM information_schema.columns WHERE table_schema = DATABASE()
+                 UNION ALL SELECT CAST(CONCAT_WS(' ', table_name, index_name, seq_in_index,
+                                                 column_name, non_unique) AS CHAR)
+                     FROM information_schema.statistics WHERE table_schema = DATABASE()
+                 UNION ALL SELECT CAST(CONCAT_WS(' ', constraint_name, check_clause) AS CHAR)
+                     FROM information_schema.check_constraints
+                     WHERE constraint_schema = DATABASE()
+                 UNION ALL SELECT CAST(CONCAT_WS(' ', trigger_name, action_statement) AS CHAR)
+                     FROM information_schema.triggers WHERE trigger_schema = DATABASE()
+                 ORDER BY 1"
+            }
+        })
+        .await
+    }
+
+    /// The columns of `table` in order: name, type and `YES`/`NO` for nullable. The types are
+    /// PostgreSQL's `data_type` and MySQL's `column_type`, with MariaDB's JSON (a `longtext`
+    /// checked by `json_valid`) reported as `json`, as MySQL reports it.
+    pub async fn columns(&self, table: &str) -> Vec<(String, String, String)> {
+        let sql = match self.backend {
+            Backend::Postgres => {
+                "SELECT column_name::text, data_type::text, is_nullable::text
+                 FROM information_schema.columns
+                 WHERE table_schema = 'public' AND table_name = '{t}' ORDER BY ordinal_position"
+            }
+            Backend::Mysql => {
+                "SELECT CAST(column_name AS CHAR),
+                        CAST(IF(data_type = 'longtext' AND EXISTS (
+                                SELECT 1 FROM information_schema.check_constraints k
+                                WHERE k.constraint_schema = DATABASE()
+                                  AND k.check_clause = CONCAT('json_valid(`', c.column_name, '`)')),
+                             'json', column_type) AS CHAR),
+                        CAST(is_nullable AS CHAR)
+                 FROM information_schema.columns c
+                 WHERE table_schema = DATABASE() AND table_name = '{t}' ORDER BY ordinal_position"
+            }
+        };
+        self.rows(&sql.replace("{t}", table)).await
     }
 }
 
@@ -793,32 +940,6 @@ impl ServiceTx {
         match self.tx {
             AnyTx::Pg(t) => t.rollback().await.unwrap(),
             AnyTx::My(t) => t.rollback().await.unwrap(),
-        }
-    }
-}
-
-/// Where an inbox consumer of a test's messages keeps its records and effects. The inbox is
-/// PostgreSQL's: on PostgreSQL it is the test's own database, on MySQL a PostgreSQL database
-/// of its own.
-pub struct InboxDb {
-    pub pool: PgPool,
-    _own: Option<TestDb>,
-}
-
-impl InboxDb {
-    pub async fn for_db(db: &Db) -> Self {
-        match &db.pool {
-            Pool::Pg(p) => InboxDb {
-                pool: p.clone(),
-                _own: None,
-            },
-            Pool::My(_) => {
-                let own = TestDb::new().await;
-                InboxDb {
-                    pool: own.pool.clone(),
-                    _own: Some(own),
-                }
-            }
         }
     }
 }

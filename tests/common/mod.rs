@@ -1,17 +1,19 @@
 //! Helpers shared by the integration tests: a database per test (on either backend, see
-//! `db.rs`), an exchange and queue per test, the real `outbox` binary as a child process, and
-//! deadline-based waits.
+//! `db.rs`; an inbox consumer on it, `inbox.rs`), an exchange and queue per test, the real
+//! `outbox` binary as a child process, and deadline-based waits.
 #![allow(dead_code)]
 
 pub mod db;
-pub mod mysql;
+pub mod inbox;
 pub mod proxy;
 pub mod workload;
 
 #[allow(unused_imports)] // not every test file uses each of them
 pub use crate::{for_store, on_both_backends};
 #[allow(unused_imports)]
-pub use db::{Backend, Db, DbHandle, InboxDb, Row, ServiceTx, TestStore};
+pub use db::{Backend, Db, DbHandle, Pool, Row, ServiceTx, TestStore};
+#[allow(unused_imports)]
+pub use inbox::{Arg, HandlerTx};
 #[allow(unused_imports)]
 pub use proxy::Proxy;
 
@@ -26,10 +28,7 @@ use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
-use outbox::store::postgres::PgStore;
-use outbox::{Store, StoreOptions, TableName};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{AssertSqlSafe, PgPool};
+use outbox::TableName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The server the test databases are created on (`OUTBOX_TEST_PG`).
@@ -64,122 +63,6 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A PostgreSQL database of its own, migrated, dropped when the test ends (the tests of one
-/// backend only; relay tests use [`Db`]).
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-    pub pool: PgPool,
-    pub table: TableName,
-}
-
-impl TestDb {
-    pub async fn new() -> Self {
-        Self::with_table("outbox").await
-    }
-
-    pub async fn with_table(table: &str) -> Self {
-        let name = unique("outbox_t");
-        let admin = sqlx::PgPool::connect(&format!("{}/postgres", pg_server()))
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "PostgreSQL is not reachable at {} ({e}): {START_HINT}",
-                    pg_server()
-                )
-            });
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let url = format!("{}/{name}", pg_server());
-        let pool = PgPoolOptions::new()
-            .max_connections(20)
-            .connect(&url)
-            .await
-            .unwrap();
-        let table = TableName::new(table).unwrap();
-        let db = TestDb {
-            name,
-            url,
-            pool,
-            table,
-        };
-        db.store().migrate().await.expect("migrate");
-        db
-    }
-
-    pub fn store(&self) -> PgStore {
-        PgStore::new(self.pool.clone(), StoreOptions::new(self.table.clone()))
-    }
-
-    /// Inserts one row with plain SQL, as a service in any language would; returns its message id.
-    pub async fn insert(
-        &self,
-        routing_key: &str,
-        ordering_key: Option<&str>,
-        payload: serde_json::Value,
-    ) -> String {
-        sqlx::query_scalar(AssertSqlSafe(format!(
-            "INSERT INTO {} (exchange, routing_key, ordering_key, payload) VALUES ('', $1, $2, $3) RETURNING message_id::text",
-            self.table
-        )))
-        .bind(routing_key)
-        .bind(ordering_key)
-        .bind(sqlx::types::Json(payload))
-        .fetch_one(&self.pool)
-        .await
-        .unwrap()
-    }
-
-    /// The message ids of the rows still in the table.
-    pub async fn message_ids(&self) -> std::collections::HashSet<String> {
-        sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT message_id::text FROM {}",
-            self.table
-        )))
-        .fetch_all(&self.pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect()
-    }
-
-    pub async fn count(&self, condition: &str) -> i64 {
-        sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT count(*) FROM {} WHERE {condition}",
-            self.table
-        )))
-        .fetch_one(&self.pool)
-        .await
-        .unwrap()
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(admin) = sqlx::PgPool::connect(&format!("{}/postgres", pg_server())).await
-                {
-                    let _ = sqlx::query(AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&admin)
-                    .await;
-                }
-            })
-        })
-        .join();
     }
 }
 
@@ -336,16 +219,6 @@ impl TestQueue {
 /// The `outbox` binary.
 pub fn outbox_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_outbox"))
-}
-
-/// Runs an `outbox` command to completion against `db`.
-pub fn outbox_cmd(db: &TestDb, args: &[&str]) -> std::process::Output {
-    outbox_bin()
-        .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("OUTBOX_TABLE", db.table.as_str())
-        .output()
-        .unwrap()
 }
 
 /// A free local port (bound once and released).

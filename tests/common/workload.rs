@@ -1,8 +1,8 @@
 //! A workload for fault tests: a producer committing rows over many ordering keys, the relay's
 //! output recorded at the broker, and an inbox consumer applying it; with the checks that
 //! every committed row arrives, first deliveries keep their key's order and effects happen once.
-//! The outbox is on either backend; the consumer's inbox and effects are on PostgreSQL
-//! ([`InboxDb`]).
+//! The outbox is on either backend; the consumer keeps its inbox and effects in the same
+//! database, as a service would.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -12,12 +12,12 @@ use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
-use outbox::inbox::{ConsumerConfig, Handler, HandlerError, Incoming, QueueType, consume};
+use outbox::inbox::{ConsumerConfig, Database, Handler, HandlerError, Incoming, QueueType};
 use serde::Deserialize;
-use sqlx::postgres::PgConnection;
 use tokio_util::sync::CancellationToken;
 
-use super::db::{Backend, Db, DbHandle, InboxDb, Row};
+use super::db::{Backend, Db, DbHandle, Row};
+use super::inbox::{Arg, HandlerTx};
 use super::{eventually, unique};
 
 /// Ordering keys the producer cycles through.
@@ -33,27 +33,26 @@ struct Body {
 #[derive(Clone)]
 struct Apply;
 
-impl Handler<Body> for Apply {
+impl<DB: Database> Handler<Body, DB> for Apply
+where
+    DB::Connection: HandlerTx,
+{
     async fn handle(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut DB::Connection,
         msg: &Incoming<Body>,
     ) -> Result<(), HandlerError> {
-        sqlx::query("INSERT INTO effects (message_id, key, seq) VALUES ($1, $2, $3)")
-            .bind(&msg.message_id)
-            .bind(&msg.body.key)
-            .bind(msg.body.seq)
-            .execute(tx)
-            .await?;
+        let sql = "INSERT INTO effects (message_id, ordering_key, seq) VALUES (?, ?, ?)";
+        let (id, key) = (Arg::Text(&msg.message_id), Arg::Text(&msg.body.key));
+        tx.run(sql, &[id, key, Arg::Int(msg.body.seq)]).await?;
         Ok(())
     }
 }
 
 /// What the fault tests share.
 pub struct Workload {
+    /// The outbox, and where the consumer applies the messages.
     pub db: Db,
-    /// Where the consumer applies the messages.
-    inbox: InboxDb,
     committed: Arc<Mutex<Vec<String>>>,
     maybe: Arc<Mutex<Vec<String>>>,
     recorded: Recorded,
@@ -82,11 +81,11 @@ impl Workload {
         record: bool,
     ) -> Self {
         let db = Db::new(backend).await;
-        let inbox = InboxDb::for_db(&db).await;
-        sqlx::query("CREATE TABLE effects (applied BIGSERIAL PRIMARY KEY, message_id TEXT NOT NULL, key TEXT NOT NULL, seq BIGINT NOT NULL)")
-            .execute(&inbox.pool)
-            .await
-            .unwrap();
+        db.execute(&format!(
+            "CREATE TABLE effects (applied {}, message_id VARCHAR(255) NOT NULL, ordering_key VARCHAR(255) NOT NULL, seq BIGINT NOT NULL)",
+            backend.auto_id()
+        ))
+        .await;
         let exchange = unique("fault");
         let record_queue = unique("fault_rec");
         declare(&amqp_urls[0], &exchange, &record_queue, queue_type).await;
@@ -107,7 +106,7 @@ impl Workload {
         config.concurrency = 1;
         config.queue_type = queue_type;
         config.queue_ttl = Some(Duration::from_secs(900));
-        tokio::spawn(consume(inbox.pool.clone(), config, Apply, stop.clone()));
+        db.pool.consume(config, Apply, stop.clone());
         let (committed, maybe, producing) =
             (Arc::default(), Arc::default(), CancellationToken::new());
         let producer = tokio::spawn(produce(
@@ -119,7 +118,6 @@ impl Workload {
         ));
         let w = Workload {
             db,
-            inbox,
             committed,
             maybe,
             recorded,
@@ -147,8 +145,9 @@ impl Workload {
         let want: HashSet<String> = self.committed().into_iter().collect();
         let deadline = since + Duration::from_secs(90);
         loop {
-            let applied: HashSet<String> = sqlx::query_scalar("SELECT message_id FROM effects")
-                .fetch_all(&self.inbox.pool)
+            let applied: HashSet<String> = self
+                .db
+                .try_strings("SELECT message_id FROM effects")
                 .await
                 .unwrap_or_default()
                 .into_iter()
@@ -192,11 +191,10 @@ impl Workload {
             p.await.unwrap();
         }
         self.converge("final").await;
-        let effects: Vec<(String, String, i64)> =
-            sqlx::query_as("SELECT message_id, key, seq FROM effects ORDER BY applied")
-                .fetch_all(&self.inbox.pool)
-                .await
-                .unwrap();
+        let effects: Vec<(String, String, i64)> = self
+            .db
+            .rows("SELECT message_id, ordering_key, seq FROM effects ORDER BY applied")
+            .await;
         let ids: HashSet<&String> = effects.iter().map(|e| &e.0).collect();
         assert_eq!(ids.len(), effects.len(), "a message was applied twice");
         let committed: HashSet<String> = self.committed().into_iter().collect();
