@@ -260,8 +260,9 @@ struct DrainRuns {
     drains: Vec<Drain>,
     /// Backlog drains.
     ratios: Vec<f64>,
-    /// Bursts into a table analyzed empty, and analyzed with a burst.
-    bursts: [Vec<f64>; 2],
+    /// Bursts into a table analyzed empty, and analyzed with a burst: their ratios, and
+    /// their times from the commit to the first row in the queue.
+    bursts: [(Vec<f64>, Vec<f64>); 2],
 }
 
 impl DrainRuns {
@@ -277,15 +278,15 @@ impl DrainRuns {
         let drain = backlog_drain(b, server, Backlog::new(kind, n)).await?;
         self.ratios.push(drain.rate / raw);
         self.drains.push(drain);
-        for (stats, ratios) in [Stats::Empty, Stats::Burst]
-            .into_iter()
-            .zip(&mut self.bursts)
-        {
+        let stats = [Stats::Empty, Stats::Burst];
+        for (stats, (ratios, first)) in stats.into_iter().zip(&mut self.bursts) {
             let burst = Backlog {
                 arrival: Arrival::Burst(stats),
                 ..Backlog::new(kind, n)
             };
-            ratios.push(backlog_drain(b, server, burst).await?.rate / raw);
+            let drain = backlog_drain(b, server, burst).await?;
+            ratios.push(drain.rate / raw);
+            first.extend(drain.commit_to_first_row_ms);
         }
         Ok(())
     }
@@ -356,6 +357,9 @@ async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
         }
         for (i, stats) in [Stats::Empty, Stats::Burst].into_iter().enumerate() {
             for (server, runs) in b.servers.iter().zip(&runs) {
+                let (ratios, first) = &runs.bursts[i];
+                let mut figures = ratio_spread(ratios).to_vec();
+                figures.push(("commit_to_first_row_ms", median(first)));
                 report.row(
                     &format!(
                         "burst of {n} rows timed from its commit, {}, {} queue",
@@ -363,7 +367,7 @@ async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
                         kind.name()
                     ),
                     server.backend.name(),
-                    &ratio_spread(&runs.bursts[i]),
+                    &figures,
                     &[drain_target],
                 );
             }
@@ -416,7 +420,7 @@ async fn quiets(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     };
     let poll_ms = poll.as_secs_f64() * 1000.0;
     for server in &b.servers {
-        let waited = quiet_minute(b, server).await?;
+        let waited = quiet_minute(b, server, poll).await?;
         report.row(
             &format!(
                 "quiet: relay idle {} s, then one row: commit to consumer (ms)",
@@ -788,6 +792,9 @@ struct Drain {
     rate: f64,
     peak_rss_mib: f64,
     cpu_s_per_10k: f64,
+    /// For a burst: from its commit to the first of its rows seen in the queue (looked at
+    /// every 50 ms or so), which is how long the relay took to notice it.
+    commit_to_first_row_ms: Option<f64>,
 }
 
 /// The median of a few figures.
@@ -953,6 +960,9 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         .or(first)
         .unwrap_or((launched, 0));
     let rate = (n - d0) as f64 / t0.elapsed().as_secs_f64();
+    let commit_to_first_row_ms = committed.zip(first).map(|(committed, (first, _))| {
+        first.saturating_duration_since(committed).as_secs_f64() * 1000.0
+    });
     peak = peak.max(relay.memory_mib("VmHWM:"));
     let cpu = relay.cpu_seconds();
     drop(relay);
@@ -967,6 +977,7 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         rate,
         peak_rss_mib: peak,
         cpu_s_per_10k: cpu / n as f64 * 10_000.0,
+        commit_to_first_row_ms,
     })
 }
 
@@ -1284,9 +1295,9 @@ async fn idle_relay(b: &Bench, server: &Server) -> anyhow::Result<Idle> {
     })
 }
 
-/// A relay idle for `--quiet-secs` after its last row, then one row committed: how long
-/// until a consumer has it.
-async fn quiet_minute(b: &Bench, server: &Server) -> anyhow::Result<Duration> {
+/// A relay idle for `--quiet-secs` after its last row, and a random part of `poll`, then one
+/// row committed: how long until a consumer has it.
+async fn quiet_minute(b: &Bench, server: &Server, poll: Duration) -> anyhow::Result<Duration> {
     let db = BenchDb::create(server).await?;
     let channel = b.conn.create_channel().await?;
     let queue = declare(&channel, QueueKind::Classic).await?;
@@ -1297,7 +1308,10 @@ async fn quiet_minute(b: &Bench, server: &Server) -> anyhow::Result<Duration> {
     next_delivery(&mut deliveries, Duration::from_secs(60))
         .await
         .context("the first row")?;
-    tokio::time::sleep(b.args.quiet).await;
+    // At a random moment of the relay's cycle of looks: the first row's delivery may have
+    // been timed by a look, and whole seconds later would then always land just after one.
+    let phase = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
+    tokio::time::sleep(b.args.quiet + poll.mul_f64(phase)).await;
     db.pool.insert_rows(&queue, 1).await?;
     let committed = Instant::now();
     next_delivery(&mut deliveries, Duration::from_secs(30))
