@@ -1775,7 +1775,7 @@ struct Report {
 impl Report {
     fn new(json: bool) -> Self {
         if !json {
-            println!("{:<80} {:<8} figures  [targets]", "scenario", "backend");
+            println!("{:<88} {:<8} figures  [targets]", "scenario", "backend");
         }
         Report { json }
     }
@@ -1814,7 +1814,7 @@ impl Report {
             } else {
                 format!("  [{}]", targets.join("; "))
             };
-            println!("{scenario:<80} {backend:<8} {}{targets}", text.join("  "));
+            println!("{scenario:<88} {backend:<8} {}{targets}", text.join("  "));
         }
     }
 }
