@@ -1436,7 +1436,7 @@ impl Server {
     async fn mysql(&self) -> anyhow::Result<MySqlConnection> {
         MySqlConnection::connect_with(&connect_options(&self.url)?)
             .await
-            .context("MySQL or MariaDB (BENCH_MYSQL)")
+            .context("MySQL or MariaDB at BENCH_MYSQL (scripts/services.sh starts MariaDB)")
     }
 }
 
