@@ -1,19 +1,36 @@
-//! Run with: `cargo run --release --example bench [-- --rows 100000 --json --only NAME]`
+//! Run with: `cargo run --release --example bench [-- --rows 100000 --json --only NAME --backend postgres|mysql|both]`
 //!
 //! Figures for the relay against the broker's own ceiling, measured in the same run on the
-//! local PostgreSQL and RabbitMQ (`BENCH_PG`, `AMQP_URL` override them). Scenarios (`--only`
-//! runs those whose name contains NAME):
+//! local RabbitMQ (`AMQP_URL`), PostgreSQL (`BENCH_PG`) and MySQL or MariaDB (`BENCH_MYSQL`,
+//! default `mysql://root@127.0.0.1:3306`). Each run of a scenario has a database of its own,
+//! created, migrated by the store and dropped after. `--backend` (default `both`) chooses the
+//! databases: every scenario but `scale` and `inbox` (PostgreSQL only) runs on each of them,
+//! and prints a row per backend next to each other (`backend` in `--json`; `lapin` for the
+//! broker alone), with its targets and whether they were met. Scenarios (`--only` runs those
+//! whose name contains NAME):
 //! - `raw`: lapin alone publishing with confirms, same window: bare messages (a short id), and
 //!   the relay's own messages (same body, the contract's properties): the ceiling;
 //! - `drain`: committed rows drained by the real `outbox relay` binary (release) into a
-//!   classic and a quorum queue: rows/s, ratio to the ceiling, peak RSS, CPU per 10k rows;
-//! - `scale`: the same with a 1M-row backlog, and with 10M sent rows kept in the table;
+//!   classic and a quorum queue: rows/s, ratio to the ceiling, peak RSS, CPU per 10k rows; a
+//!   backlog committed before the relay starts (timed from the first row in the queue), and
+//!   bursts committed while it idles (timed from the commit). Target: ratio >= 0.8;
 //! - `latency`: single-row transactions at 100, 1,000 and 5,000 rows/s: commit-to-confirm and
-//!   commit-to-consumer percentiles, and lapin's own publish-to-confirm at the same rate;
-//! - `idle`: an idle relay's RSS and database queries per second;
-//! - `inbox`: the inbox consumer with exactly-once effects against a plain consumer.
+//!   commit-to-consumer percentiles, and lapin's own publish-to-confirm at the same rate.
+//!   Targets, commit-to-consumer p99: PostgreSQL 10 ms at 100 rows/s and 25 ms at 1,000;
+//!   MySQL 25 ms at 100 rows/s;
+//! - `idle`: an idle relay's RSS and database queries per second: on PostgreSQL the
+//!   database's transactions (`pg_stat_database`), on MySQL the server's `Questions` less the
+//!   bench's own reads of it, so every other client of that server counts too (run it on a
+//!   quiet server; a warning names other sessions). Targets: 16 MiB, 1 query/s;
+//! - `quiet`: the relay idle for a minute (`--quiet-secs`), then one row committed: how long
+//!   until a consumer has it. Target: within `OUTBOX_POLL_INTERVAL`;
+//! - `inbox` (PostgreSQL): the inbox consumer with exactly-once effects against a plain
+//!   consumer;
+//! - `scale` (PostgreSQL): the drain with a 1M-row backlog, and with 10M sent rows kept in
+//!   the table.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,13 +43,19 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use sqlx::{AssertSqlSafe, PgPool};
+use outbox::store::mysql::{MyStore, connect_options};
+use outbox::store::postgres::PgStore;
+use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection as _, Row};
 use tokio::sync::Semaphore;
 
 /// Unconfirmed publishes at most, for the raw publisher and the relay alike.
 const WINDOW: usize = 1000;
 /// Distinct ordering keys in the backlog.
 const KEYS: usize = 1000;
+/// The label of rows measuring the broker alone.
+const LAPIN: &str = "lapin";
 
 #[derive(Clone, Copy, PartialEq)]
 enum QueueKind {
@@ -49,6 +72,30 @@ impl QueueKind {
     }
 }
 
+/// The database a scenario runs on.
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Postgres,
+    Mysql,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Mysql => "mysql",
+        }
+    }
+}
+
+/// A database server the bench creates its databases on.
+#[derive(Clone)]
+struct Server {
+    backend: Backend,
+    /// Its URL without a database name.
+    url: String,
+}
+
 struct Args {
     rows: usize,
     /// Rounds of (ceiling, drain) per queue kind; medians are reported.
@@ -56,6 +103,10 @@ struct Args {
     json: bool,
     /// Run only the scenarios whose name contains this.
     only: Option<String>,
+    /// The databases to run on.
+    backends: Vec<Backend>,
+    /// How long the relay idles before the quiet scenario's row.
+    quiet: Duration,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -64,6 +115,8 @@ fn args() -> anyhow::Result<Args> {
         rounds: 3,
         json: false,
         only: None,
+        backends: vec![Backend::Postgres, Backend::Mysql],
+        quiet: Duration::from_secs(60),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -72,175 +125,360 @@ fn args() -> anyhow::Result<Args> {
             "--rounds" => a.rounds = it.next().context("--rounds needs a number")?.parse()?,
             "--json" => a.json = true,
             "--only" => a.only = Some(it.next().context("--only needs a scenario name")?),
+            "--backend" => {
+                a.backends = match it.next().as_deref() {
+                    Some("postgres") => vec![Backend::Postgres],
+                    Some("mysql") => vec![Backend::Mysql],
+                    Some("both") => vec![Backend::Postgres, Backend::Mysql],
+                    other => bail!("--backend needs postgres, mysql or both, not {other:?}"),
+                }
+            }
+            "--quiet-secs" => {
+                let secs = it.next().context("--quiet-secs needs a number")?.parse()?;
+                a.quiet = Duration::from_secs(secs);
+            }
             other => bail!(
                 "unknown argument {other:?} (expected --rows N, --rounds N, --json, \
-                 --only raw|drain|scale|latency|idle|inbox)"
+                 --only raw|drain|scale|latency|idle|quiet|inbox, \
+                 --backend postgres|mysql|both, --quiet-secs N)"
             ),
         }
     }
     Ok(a)
 }
 
+/// What every scenario shares.
+struct Bench {
+    args: Args,
+    /// The database servers chosen by `--backend`, in that order.
+    servers: Vec<Server>,
+    amqp: String,
+    /// The bench's own broker connection (ceilings, queues, consumers).
+    conn: Connection,
+    /// The release `outbox` binary.
+    relay_bin: PathBuf,
+}
+
+impl Bench {
+    fn wanted(&self, name: &str) -> bool {
+        self.args
+            .only
+            .as_deref()
+            .is_none_or(|only| name.contains(only))
+    }
+
+    fn postgres(&self) -> Option<&Server> {
+        self.servers.iter().find(|s| s.backend == Backend::Postgres)
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
-    let pg =
-        std::env::var("BENCH_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let amqp = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let servers = args
+        .backends
+        .iter()
+        .map(|&backend| Server {
+            backend,
+            url: match backend {
+                Backend::Postgres => env("BENCH_PG", "postgres://postgres@127.0.0.1:5432"),
+                Backend::Mysql => env("BENCH_MYSQL", "mysql://root@127.0.0.1:3306"),
+            },
+        })
+        .collect();
+    let amqp = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
     let relay_bin = build_relay()?;
     let conn = Connection::connect(&amqp, ConnectionProperties::default())
         .await
         .context("RabbitMQ (start it with scripts/services.sh)")?;
-    let mut report = Report::new(args.json);
-    let wanted = |name: &str| args.only.as_deref().is_none_or(|only| name.contains(only));
-    let n = args.rows;
-
-    for kind in [QueueKind::Classic, QueueKind::Quorum] {
-        if !(wanted("raw") || wanted("drain")) {
-            continue;
+    let b = Bench {
+        args,
+        servers,
+        amqp,
+        conn,
+        relay_bin,
+    };
+    let mut report = Report::new(b.args.json);
+    if b.wanted("raw") || b.wanted("drain") {
+        drains(&b, &mut report).await?;
+    }
+    if b.wanted("latency") {
+        latencies(&b, &mut report).await?;
+    }
+    if b.wanted("idle") {
+        for server in &b.servers {
+            let idle = idle_relay(&b, server).await?;
+            report.row(
+                "idle relay",
+                server.backend.name(),
+                &[
+                    ("rss_mib", idle.rss_mib),
+                    ("db_queries_per_s", idle.queries_per_s),
+                ],
+                &[
+                    Target::at_most("rss_mib", 16.0),
+                    Target::at_most("db_queries_per_s", 1.0),
+                ],
+            );
         }
-        let bare = raw_ceiling(&conn, kind, n, Messages::Bare).await?;
+    }
+    if b.wanted("quiet") {
+        quiets(&b, &mut report).await?;
+    }
+    let Some(pg) = b.postgres() else {
+        if b.wanted("inbox") || b.wanted("scale") {
+            eprintln!("the inbox and scale scenarios run on PostgreSQL only: skipped");
+        }
+        return Ok(());
+    };
+    if b.wanted("inbox") {
+        let inbox_rows = b.args.rows.min(20_000);
+        let (inbox, plain) = inbox_consumer(&b, pg, inbox_rows).await?;
+        report.row(
+            &format!("inbox consumer, {inbox_rows} messages, exactly-once effects"),
+            pg.backend.name(),
+            &[
+                ("msgs_per_s", inbox),
+                ("plain_ack_msgs_per_s", plain),
+                ("ratio_to_plain", inbox / plain),
+            ],
+            &[],
+        );
+    }
+    // Last: its 10M-row table leaves the disk busy (checkpoint, dropped database) for a
+    // while, which would show in the latency percentiles.
+    if b.wanted("scale") {
+        scale(&b, pg, &mut report).await?;
+    }
+    Ok(())
+}
+
+/// One backend's drains over the rounds, each divided by its round's ceiling.
+#[derive(Default)]
+struct DrainRuns {
+    drains: Vec<Drain>,
+    /// Backlog drains.
+    ratios: Vec<f64>,
+    /// Bursts into a table analyzed empty, and analyzed with a burst: their ratios, and
+    /// their times from the commit to the first row in the queue.
+    bursts: [(Vec<f64>, Vec<f64>); 2],
+}
+
+impl DrainRuns {
+    /// A backlog and the two bursts on `server`, against the ceiling `raw`.
+    async fn round(
+        &mut self,
+        b: &Bench,
+        server: &Server,
+        kind: QueueKind,
+        raw: f64,
+    ) -> anyhow::Result<()> {
+        let n = b.args.rows;
+        let drain = backlog_drain(b, server, Backlog::new(kind, n)).await?;
+        self.ratios.push(drain.rate / raw);
+        self.drains.push(drain);
+        let stats = [Stats::Empty, Stats::Burst];
+        for (stats, (ratios, first)) in stats.into_iter().zip(&mut self.bursts) {
+            let burst = Backlog {
+                arrival: Arrival::Burst(stats),
+                ..Backlog::new(kind, n)
+            };
+            let drain = backlog_drain(b, server, burst).await?;
+            ratios.push(drain.rate / raw);
+            first.extend(drain.commit_to_first_row_ms);
+        }
+        Ok(())
+    }
+}
+
+/// The median ratio of some rounds, with the lowest and the highest.
+fn ratio_spread(ratios: &[f64]) -> [(&'static str, f64); 3] {
+    [
+        ("ratio_to_raw", median(ratios)),
+        ("ratio_min", ratios.iter().copied().fold(f64::MAX, f64::min)),
+        ("ratio_max", ratios.iter().copied().fold(0.0, f64::max)),
+    ]
+}
+
+/// The ceilings, and the drains on every backend against them.
+async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
+    let n = b.args.rows;
+    let drain_target = Target::at_least("ratio_to_raw", 0.8);
+    for kind in [QueueKind::Classic, QueueKind::Quorum] {
+        let bare = raw_ceiling(&b.conn, kind, n, Messages::Bare).await?;
         report.row(
             &format!("raw ceiling, bare messages, {} queue", kind.name()),
+            LAPIN,
             &[("msgs_per_s", bare)],
+            &[],
         );
-        // Rounds of (ceiling, drain): each drain against the ceiling measured next to it,
+        // Rounds of (ceiling, drains): each drain against the ceiling measured next to it,
         // the median of the rounds reported, as this machine's speed drifts.
-        let (mut raws, mut drains, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        let mut bursts: [Vec<f64>; 2] = Default::default();
-        for _ in 0..args.rounds {
-            let raw = raw_ceiling(&conn, kind, n, Messages::Relay).await?;
+        let mut raws = Vec::new();
+        let mut runs: Vec<DrainRuns> = b.servers.iter().map(|_| DrainRuns::default()).collect();
+        for _ in 0..b.args.rounds {
+            let raw = raw_ceiling(&b.conn, kind, n, Messages::Relay).await?;
             raws.push(raw);
-            if wanted("drain") {
-                let drain =
-                    backlog_drain(&pg, &amqp, &conn, &relay_bin, Backlog::new(kind, n)).await?;
-                ratios.push(drain.rate / raw);
-                drains.push(drain);
-                for (stats, ratios) in [Stats::Empty, Stats::Burst].into_iter().zip(&mut bursts) {
-                    let burst = Backlog {
-                        arrival: Arrival::Burst(stats),
-                        ..Backlog::new(kind, n)
-                    };
-                    let drain = backlog_drain(&pg, &amqp, &conn, &relay_bin, burst).await?;
-                    ratios.push(drain.rate / raw);
+            if b.wanted("drain") {
+                for (server, runs) in b.servers.iter().zip(&mut runs) {
+                    runs.round(b, server, kind, raw).await?;
                 }
             }
         }
         let raw = median(&raws);
         report.row(
             &format!("raw ceiling, the relay's messages, {} queue", kind.name()),
+            LAPIN,
             &[("msgs_per_s", raw), ("ratio_to_bare", raw / bare)],
+            &[],
         );
-        if drains.is_empty() {
+        if !b.wanted("drain") {
             continue;
         }
-        let rates: Vec<f64> = drains.iter().map(|d| d.rate).collect();
-        let cpu: Vec<f64> = drains.iter().map(|d| d.cpu_s_per_10k).collect();
-        let peak = drains.iter().map(|d| d.peak_rss_mib).fold(0.0, f64::max);
-        report.row(
-            &format!("backlog drain {n} rows, {} queue", kind.name()),
-            &[
-                ("rows_per_s", median(&rates)),
-                ("ratio_to_raw", median(&ratios)),
-                ("ratio_min", ratios.iter().copied().fold(f64::MAX, f64::min)),
-                ("ratio_max", ratios.iter().copied().fold(0.0, f64::max)),
-                ("relay_peak_rss_mib", peak),
-                ("relay_cpu_s_per_10k_rows", median(&cpu)),
-            ],
-        );
-        for (stats, ratios) in [Stats::Empty, Stats::Burst].into_iter().zip(&bursts) {
+        for (server, runs) in b.servers.iter().zip(&runs) {
+            let rates: Vec<f64> = runs.drains.iter().map(|d| d.rate).collect();
+            let cpu: Vec<f64> = runs.drains.iter().map(|d| d.cpu_s_per_10k).collect();
+            let peak = runs
+                .drains
+                .iter()
+                .map(|d| d.peak_rss_mib)
+                .fold(0.0, f64::max);
+            let mut figures = vec![("rows_per_s", median(&rates))];
+            figures.extend(ratio_spread(&runs.ratios));
+            figures.push(("relay_peak_rss_mib", peak));
+            figures.push(("relay_cpu_s_per_10k_rows", median(&cpu)));
             report.row(
-                &format!(
-                    "burst of {n} rows timed from its commit, {}, {} queue",
-                    stats.name(),
-                    kind.name()
-                ),
-                &[
-                    ("ratio_to_raw", median(ratios)),
-                    ("ratio_min", ratios.iter().copied().fold(f64::MAX, f64::min)),
-                    ("ratio_max", ratios.iter().copied().fold(0.0, f64::max)),
-                ],
+                &format!("backlog drain {n} rows, {} queue", kind.name()),
+                server.backend.name(),
+                &figures,
+                &[drain_target, Target::at_most("relay_peak_rss_mib", 64.0)],
             );
         }
+        for (i, stats) in [Stats::Empty, Stats::Burst].into_iter().enumerate() {
+            for (server, runs) in b.servers.iter().zip(&runs) {
+                let (ratios, first) = &runs.bursts[i];
+                let mut figures = ratio_spread(ratios).to_vec();
+                figures.push(("commit_to_first_row_ms", median(first)));
+                report.row(
+                    &format!(
+                        "burst of {n} rows timed from its commit, {}, {} queue",
+                        stats.name(),
+                        kind.name()
+                    ),
+                    server.backend.name(),
+                    &figures,
+                    &[drain_target],
+                );
+            }
+        }
     }
-    if wanted("latency") {
-        for rate in [100, 1000, 5000] {
-            let l = live_latency(&pg, &amqp, &conn, rate).await?;
-            let raw = raw_confirm_latency(&conn, rate).await?;
+    Ok(())
+}
+
+/// Live latency at each rate: lapin alone, then every backend.
+async fn latencies(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
+    for rate in [100, 1000, 5000] {
+        let scenario = format!("live latency at {rate} rows/s (ms)");
+        let raw = raw_confirm_latency(&b.conn, rate).await?;
+        report.row(
+            &scenario,
+            LAPIN,
+            &raw.figures("raw_publish_to_confirm"),
+            &[],
+        );
+        for server in &b.servers {
+            let l = live_latency(b, server, rate).await?;
             let mut figures = vec![
                 ("offered_rows_per_s", rate as f64),
                 ("achieved_rows_per_s", l.achieved),
             ];
             figures.extend(l.commit_to_consumer.figures("commit_to_consumer"));
             figures.extend(l.commit_to_confirm.figures("commit_to_confirm"));
-            figures.extend(raw.figures("raw_publish_to_confirm"));
-            report.row(&format!("live latency at {rate} rows/s (ms)"), &figures);
-        }
-    }
-    if wanted("idle") {
-        let idle = idle_relay(&pg, &amqp, &relay_bin).await?;
-        report.row(
-            "idle relay",
-            &[
-                ("rss_mib", idle.rss_mib),
-                ("db_queries_per_s", idle.queries_per_s),
-            ],
-        );
-    }
-    if wanted("inbox") {
-        let inbox_rows = n.min(20_000);
-        let (inbox, plain) = inbox_consumer(&pg, &amqp, &conn, inbox_rows).await?;
-        report.row(
-            &format!("inbox consumer, {inbox_rows} messages, exactly-once effects"),
-            &[
-                ("msgs_per_s", inbox),
-                ("plain_ack_msgs_per_s", plain),
-                ("ratio_to_plain", inbox / plain),
-            ],
-        );
-    }
-    // Last: its 10M-row table leaves the disk busy (checkpoint, dropped database) for a
-    // while, which would show in the latency percentiles.
-    if wanted("scale") {
-        // Each against a base drain of `n` rows with the same settings, run just before it
-        // (this machine's speed drifts over minutes), so that only the table differs. The
-        // 1M backlog has a consumer keeping the queue short, in its base run too: a classic
-        // queue holding a million messages is slower in itself.
-        let base = Backlog::new(QueueKind::Classic, n);
-        let consumed = Backlog {
-            consume: true,
-            ..base
-        };
-        let big_backlog = Backlog {
-            rows: 10 * n,
-            ..consumed
-        };
-        let kept = Backlog { keep: true, ..base };
-        let big_table = Backlog {
-            sent: 100 * n,
-            ..kept
-        };
-        for (base, big) in [(consumed, big_backlog), (kept, big_table)] {
-            let (rows, sent) = (big.rows, big.sent);
-            let base = backlog_drain(&pg, &amqp, &conn, &relay_bin, base).await?;
-            let drain = backlog_drain(&pg, &amqp, &conn, &relay_bin, big).await?;
-            let name = if sent == 0 {
-                format!("scale: backlog drain {rows} rows, classic queue")
-            } else {
-                format!("scale: drain {rows} rows with {sent} sent rows kept, classic queue")
+            let p99 = match (server.backend, rate) {
+                (Backend::Postgres, 100) => Some(10.0),
+                (Backend::Postgres, 1000) | (Backend::Mysql, 100) => Some(25.0),
+                _ => None,
             };
-            report.row(
-                &name,
-                &[
-                    ("rows_per_s", drain.rate),
-                    ("base_rows_per_s", base.rate),
-                    ("ratio_to_base", drain.rate / base.rate),
-                    ("relay_peak_rss_mib", drain.peak_rss_mib),
-                    ("relay_cpu_s_per_10k_rows", drain.cpu_s_per_10k),
-                ],
-            );
+            let targets: Vec<Target> = p99
+                .map(|ms| Target::at_most("commit_to_consumer_p99", ms))
+                .into_iter()
+                .collect();
+            report.row(&scenario, server.backend.name(), &figures, &targets);
         }
+    }
+    Ok(())
+}
+
+/// The quiet minute on every backend.
+async fn quiets(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
+    // What the relay processes run with: the default, unless this environment sets it.
+    let default = outbox::config::RelayConfig::new(vec![]).poll_interval;
+    let poll = match std::env::var("OUTBOX_POLL_INTERVAL") {
+        Ok(v) => humantime::parse_duration(&v).context("OUTBOX_POLL_INTERVAL")?,
+        Err(_) => default,
+    };
+    let poll_ms = poll.as_secs_f64() * 1000.0;
+    for server in &b.servers {
+        let waited = quiet_minute(b, server, poll).await?;
+        report.row(
+            &format!(
+                "quiet: relay idle {} s, then one row: commit to consumer (ms)",
+                b.args.quiet.as_secs()
+            ),
+            server.backend.name(),
+            &[
+                ("commit_to_consumer_ms", waited.as_secs_f64() * 1000.0),
+                ("poll_interval_ms", poll_ms),
+            ],
+            &[Target::at_most("commit_to_consumer_ms", poll_ms)],
+        );
+    }
+    Ok(())
+}
+
+/// PostgreSQL only: a 1M-row backlog, and a drain beside 10M sent rows, each against a base.
+async fn scale(b: &Bench, pg: &Server, report: &mut Report) -> anyhow::Result<()> {
+    let n = b.args.rows;
+    // Each against a base drain of `n` rows with the same settings, run just before it
+    // (this machine's speed drifts over minutes), so that only the table differs. The
+    // 1M backlog has a consumer keeping the queue short, in its base run too: a classic
+    // queue holding a million messages is slower in itself.
+    let base = Backlog::new(QueueKind::Classic, n);
+    let consumed = Backlog {
+        consume: true,
+        ..base
+    };
+    let big_backlog = Backlog {
+        rows: 10 * n,
+        ..consumed
+    };
+    let kept = Backlog { keep: true, ..base };
+    let big_table = Backlog {
+        sent: 100 * n,
+        ..kept
+    };
+    for (base, big) in [(consumed, big_backlog), (kept, big_table)] {
+        let (rows, sent) = (big.rows, big.sent);
+        let base = backlog_drain(b, pg, base).await?;
+        let drain = backlog_drain(b, pg, big).await?;
+        let name = if sent == 0 {
+            format!("scale: backlog drain {rows} rows, classic queue")
+        } else {
+            format!("scale: drain {rows} rows with {sent} sent rows kept, classic queue")
+        };
+        report.row(
+            &name,
+            pg.backend.name(),
+            &[
+                ("rows_per_s", drain.rate),
+                ("base_rows_per_s", base.rate),
+                ("ratio_to_base", drain.rate / base.rate),
+                ("relay_peak_rss_mib", drain.peak_rss_mib),
+                ("relay_cpu_s_per_10k_rows", drain.cpu_s_per_10k),
+            ],
+            &[Target::at_least("ratio_to_base", 0.9)],
+        );
     }
     Ok(())
 }
@@ -266,22 +504,19 @@ impl outbox::inbox::Handler<serde_json::Value> for OneRow {
 /// `n` messages applied by the inbox consumer (its defaults: quorum queue, prefetch 512,
 /// batches of 128, 4 at once), against a plain consumer that acks each message without a
 /// database.
-async fn inbox_consumer(
-    pg: &str,
-    amqp: &str,
-    conn: &Connection,
-    n: usize,
-) -> anyhow::Result<(f64, f64)> {
+async fn inbox_consumer(b: &Bench, pg: &Server, n: usize) -> anyhow::Result<(f64, f64)> {
+    let conn = &b.conn;
     let db = BenchDb::create(pg).await?;
+    let pool = db.pg()?.clone();
     sqlx::query("CREATE TABLE effects (message_id TEXT NOT NULL)")
-        .execute(&db.pool)
+        .execute(&pool)
         .await?;
     let queue = format!("bench-inbox-{}", uuid::Uuid::new_v4().simple());
-    let config = outbox::inbox::ConsumerConfig::new(vec![amqp.to_owned()], "bench", queue.clone());
+    let config = outbox::inbox::ConsumerConfig::new(vec![b.amqp.clone()], "bench", queue.clone());
     // Let the consumer declare its queue, then fill it while nobody consumes.
     let stop = tokio_util::sync::CancellationToken::new();
     let first = tokio::spawn(outbox::inbox::consume(
-        db.pool.clone(),
+        pool.clone(),
         config.clone(),
         OneRow,
         stop.clone(),
@@ -301,14 +536,14 @@ async fn inbox_consumer(
     let stop = tokio_util::sync::CancellationToken::new();
     let start = Instant::now();
     let run = tokio::spawn(outbox::inbox::consume(
-        db.pool.clone(),
+        pool.clone(),
         config.clone(),
         OneRow,
         stop.clone(),
     ));
     loop {
         let done: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
-            .fetch_one(&db.pool)
+            .fetch_one(&pool)
             .await?;
         if done as usize >= n {
             break;
@@ -392,7 +627,7 @@ async fn plain_consumer(
 }
 
 /// Builds the release `outbox` binary beside this example and returns its path.
-fn build_relay() -> anyhow::Result<std::path::PathBuf> {
+fn build_relay() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--release", "--quiet", "--bin", "outbox"])
@@ -557,6 +792,9 @@ struct Drain {
     rate: f64,
     peak_rss_mib: f64,
     cpu_s_per_10k: f64,
+    /// For a burst: from its commit to the first of its rows seen in the queue (looked at
+    /// every 50 ms or so), which is how long the relay took to notice it.
+    commit_to_first_row_ms: Option<f64>,
 }
 
 /// The median of a few figures.
@@ -624,14 +862,9 @@ impl Backlog {
     }
 }
 
-/// A backlog drained by a fresh relay process.
-async fn backlog_drain(
-    pg: &str,
-    amqp: &str,
-    conn: &Connection,
-    relay_bin: &std::path::Path,
-    backlog: Backlog,
-) -> anyhow::Result<Drain> {
+/// A backlog drained by a fresh relay process on `server`.
+async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::Result<Drain> {
+    let conn = &b.conn;
     let Backlog {
         kind,
         arrival,
@@ -640,7 +873,7 @@ async fn backlog_drain(
         keep,
         consume,
     } = backlog;
-    let db = BenchDb::create(pg).await?;
+    let db = BenchDb::create(server).await?;
     let channel = conn.create_channel().await?;
     let queue = declare(&channel, kind).await?;
     if sent > 0 {
@@ -653,33 +886,35 @@ async fn backlog_drain(
              FROM generate_series(1, $1) i",
         )
         .bind(sent as i64)
-        .execute(&db.pool)
+        .execute(db.pg()?)
         .await?;
     }
     let retention = if keep { "7d" } else { "0s" };
-    let start_relay =
-        || RelayProcess::start(relay_bin, &db.url, amqp, &[("OUTBOX_RETENTION", retention)]);
+    let start_relay = || {
+        let env = [("OUTBOX_RETENTION", retention)];
+        RelayProcess::start(&b.relay_bin, &db.url, &b.amqp, &env)
+    };
     let (relay, committed) = match arrival {
         Arrival::Backlog => {
-            insert_rows(&db.pool, &queue, n).await?;
-            analyze(&db.pool).await?;
+            db.pool.insert_rows(&queue, n).await?;
+            db.analyze().await?;
             (start_relay()?, None)
         }
         Arrival::Burst(stats) => {
             // An earlier burst, sent and deleted; the statistics taken while it was there,
             // or (as autovacuum leaves an outbox that deletes what it sends) once it was gone.
-            insert_rows(&db.pool, &queue, n).await?;
+            db.pool.insert_rows(&queue, n).await?;
             if stats == Stats::Burst {
-                analyze(&db.pool).await?;
+                db.analyze().await?;
             }
-            sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
+            db.pool.execute("DELETE FROM outbox").await?;
             if stats == Stats::Empty {
-                analyze(&db.pool).await?;
+                db.analyze().await?;
             }
             let relay = start_relay()?;
             // Connections and leadership are not throughput: the relay idles first.
             tokio::time::sleep(Duration::from_secs(3)).await;
-            insert_rows(&db.pool, &queue, n).await?;
+            db.pool.insert_rows(&queue, n).await?;
             (relay, Some(Instant::now()))
         }
     };
@@ -725,6 +960,9 @@ async fn backlog_drain(
         .or(first)
         .unwrap_or((launched, 0));
     let rate = (n - d0) as f64 / t0.elapsed().as_secs_f64();
+    let commit_to_first_row_ms = committed.zip(first).map(|(committed, (first, _))| {
+        first.saturating_duration_since(committed).as_secs_f64() * 1000.0
+    });
     peak = peak.max(relay.memory_mib("VmHWM:"));
     let cpu = relay.cpu_seconds();
     drop(relay);
@@ -739,28 +977,8 @@ async fn backlog_drain(
         rate,
         peak_rss_mib: peak,
         cpu_s_per_10k: cpu / n as f64 * 10_000.0,
+        commit_to_first_row_ms,
     })
-}
-
-/// Commits `n` rows for `queue` over `KEYS` ordering keys in one transaction.
-async fn insert_rows(pool: &PgPool, queue: &str, n: usize) -> anyhow::Result<()> {
-    sqlx::query(
-        "INSERT INTO outbox (routing_key, ordering_key, payload)
-         SELECT $1, 'key-' || (i % $2), $3::jsonb FROM generate_series(1, $4) i",
-    )
-    .bind(queue)
-    .bind(KEYS as i64)
-    .bind(payload())
-    .bind(n as i64)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Statistics as autovacuum would leave them for what the table holds now.
-async fn analyze(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::query("VACUUM ANALYZE outbox").execute(pool).await?;
-    Ok(())
 }
 
 /// Percentiles of a sample, in milliseconds.
@@ -905,17 +1123,13 @@ fn live_rows(rate: usize) -> usize {
 
 /// Single-row transactions at `rate` rows/s for a few seconds, relayed by an in-process
 /// relay (default settings) to a classic queue read by a plain consumer.
-async fn live_latency(
-    pg: &str,
-    amqp: &str,
-    conn: &Connection,
-    rate: usize,
-) -> anyhow::Result<Latency> {
+async fn live_latency(b: &Bench, server: &Server, rate: usize) -> anyhow::Result<Latency> {
     static RECORDER: std::sync::Once = std::sync::Once::new();
     RECORDER.call_once(|| {
         let _ = metrics::set_global_recorder(ConfirmRecorder);
     });
-    let db = BenchDb::create(pg).await?;
+    let conn = &b.conn;
+    let db = BenchDb::create(server).await?;
     let channel = conn.create_channel().await?;
     let queue = declare(&channel, QueueKind::Classic).await?;
     let received = Arc::new(std::sync::Mutex::new(Vec::<(String, Instant)>::new()));
@@ -933,32 +1147,17 @@ async fn live_latency(
         }
     });
 
-    let store = outbox::store::postgres::PgStore::connect_lazy(
-        &db.url,
-        outbox::StoreOptions::new(Default::default()),
-    )?;
-    let mut config = outbox::config::RelayConfig::new(vec![amqp.to_owned()]);
-    config.http_addr = None;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let health = Arc::new(outbox::Health::default());
-    let relay = tokio::spawn(outbox::relay::run(
-        store,
-        config,
-        health.clone(),
-        shutdown.clone(),
-    ));
+    let relay = db.spawn_relay(&b.amqp, health.clone(), shutdown.clone())?;
     while health.snapshot().status != "ready" {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Steady state: the first rows go through before the clock starts.
-    let writers = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(64)
-        .connect(&db.url)
-        .await?;
-    for _ in 0..100 {
-        sqlx::query("INSERT INTO outbox (routing_key, payload) VALUES ($1, '{}')")
-            .bind(&queue)
-            .execute(&writers)
+    let writers = Pool::connect(server.backend, &db.url, 64).await?;
+    for i in 0..100 {
+        writers
+            .insert_one(&queue, &format!("key-{i}"), "{}")
             .await?;
     }
     while received.lock().expect("received").len() < 100 {
@@ -985,18 +1184,8 @@ async fn live_latency(
             body.clone(),
         );
         tasks.spawn(async move {
-            let mut tx = writers.begin().await?;
-            let (id, created_us): (String, i64) = sqlx::query_as(
-                "INSERT INTO outbox (routing_key, ordering_key, payload)
-                 VALUES ($1, $2, $3::jsonb)
-                 RETURNING message_id::text, (extract(epoch FROM created_at) * 1000000)::bigint",
-            )
-            .bind(&queue)
-            .bind(format!("key-{}", i % KEYS))
-            .bind(&body)
-            .fetch_one(&mut *tx)
-            .await?;
-            tx.commit().await?;
+            let key = format!("key-{}", i % KEYS);
+            let (id, created_us) = writers.insert_one(&queue, &key, &body).await?;
             committed.lock().expect("committed").push((
                 id,
                 Instant::now(),
@@ -1083,36 +1272,22 @@ struct Idle {
     queries_per_s: f64,
 }
 
-/// A relay leading an empty table: its resident memory, and the transactions its database
-/// counts per second (every query the relay sends outside a transaction is one).
-async fn idle_relay(pg: &str, amqp: &str, relay_bin: &std::path::Path) -> anyhow::Result<Idle> {
-    let db = BenchDb::create(pg).await?;
-    let relay = RelayProcess::start(relay_bin, &db.url, amqp, &[])?;
-    let admin = PgPool::connect(&format!("{pg}/postgres")).await?;
-    let transactions = || async {
-        // The statistics of other sessions are read as of the last flush (at most 1 s old
-        // while busy, 10 s when idle): the window below is long enough for that to cancel.
-        sqlx::query_scalar::<_, i64>(
-            "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
-        )
-        .bind(&db.name)
-        .fetch_one(&admin)
-        .await
-    };
+/// A relay leading an empty table: its resident memory, and the statements its database
+/// counts per second.
+async fn idle_relay(b: &Bench, server: &Server) -> anyhow::Result<Idle> {
+    let db = BenchDb::create(server).await?;
+    let relay = RelayProcess::start(&b.relay_bin, &db.url, &b.amqp, &[])?;
+    let mut counter = QueryCounter::open(&db).await?;
+    // PostgreSQL's statistics of other sessions are read as of their last flush (at most 1 s
+    // old while busy, 10 s when idle): the window below is long enough for that to cancel.
     tokio::time::sleep(Duration::from_secs(15)).await;
-    sqlx::query("SELECT pg_stat_clear_snapshot()")
-        .execute(&admin)
-        .await?;
-    let (before, t0) = (transactions().await?, Instant::now());
+    let (before, t0) = (counter.read().await?, Instant::now());
     tokio::time::sleep(Duration::from_secs(40)).await;
-    sqlx::query("SELECT pg_stat_clear_snapshot()")
-        .execute(&admin)
-        .await?;
-    let after = transactions().await?;
+    let after = counter.read().await?;
     let queries_per_s = (after - before) as f64 / t0.elapsed().as_secs_f64();
     let rss_mib = relay.memory_mib("VmRSS:");
+    counter.warn_of_others(&db.name).await?;
     drop(relay);
-    admin.close().await;
     db.drop().await?;
     Ok(Idle {
         rss_mib,
@@ -1120,47 +1295,369 @@ async fn idle_relay(pg: &str, amqp: &str, relay_bin: &std::path::Path) -> anyhow
     })
 }
 
+/// A relay idle for `--quiet-secs` after its last row, and a random part of `poll`, then one
+/// row committed: how long until a consumer has it.
+async fn quiet_minute(b: &Bench, server: &Server, poll: Duration) -> anyhow::Result<Duration> {
+    let db = BenchDb::create(server).await?;
+    let channel = b.conn.create_channel().await?;
+    let queue = declare(&channel, QueueKind::Classic).await?;
+    let mut deliveries = no_ack_consumer(&b.conn, &queue).await?;
+    let relay = RelayProcess::start(&b.relay_bin, &db.url, &b.amqp, &[])?;
+    // A first row through: the relay leads and has published once, then goes quiet.
+    db.pool.insert_rows(&queue, 1).await?;
+    next_delivery(&mut deliveries, Duration::from_secs(60))
+        .await
+        .context("the first row")?;
+    // At a random moment of the relay's cycle of looks: the first row's delivery may have
+    // been timed by a look, and whole seconds later would then always land just after one.
+    let phase = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
+    tokio::time::sleep(b.args.quiet + poll.mul_f64(phase)).await;
+    db.pool.insert_rows(&queue, 1).await?;
+    let committed = Instant::now();
+    next_delivery(&mut deliveries, Duration::from_secs(30))
+        .await
+        .context("the row after the quiet")?;
+    let waited = committed.elapsed();
+    drop(relay);
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    db.drop().await?;
+    Ok(waited)
+}
+
+/// Waits for the next delivery, `within` at most.
+async fn next_delivery(deliveries: &mut lapin::Consumer, within: Duration) -> anyhow::Result<()> {
+    tokio::time::timeout(within, deliveries.next())
+        .await
+        .context("no delivery in time")?
+        .context("the consumer ended")??;
+    Ok(())
+}
+
 /// A database of the benchmark's own, migrated.
 struct BenchDb {
-    server: String,
+    server: Server,
     name: String,
     url: String,
-    pool: PgPool,
+    pool: Pool,
 }
 
 impl BenchDb {
-    async fn create(server: &str) -> anyhow::Result<Self> {
+    async fn create(server: &Server) -> anyhow::Result<Self> {
         let name = format!("outbox_bench_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgPool::connect(&format!("{server}/postgres"))
-            .await
-            .context("PostgreSQL (start it with scripts/services.sh)")?;
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await?;
-        let url = format!("{server}/{name}");
-        let pool = PgPool::connect(&url).await?;
-        let store = outbox::store::postgres::PgStore::new(
-            pool.clone(),
-            outbox::StoreOptions::new(Default::default()),
-        );
-        outbox::Store::migrate(&store).await?;
+        server.admin(format!("CREATE DATABASE {name}")).await?;
+        let url = format!("{}/{name}", server.url);
+        let pool = Pool::connect(server.backend, &url, 10).await?;
+        pool.migrate().await?;
         Ok(BenchDb {
-            server: server.to_owned(),
+            server: server.clone(),
             name,
             url,
             pool,
         })
     }
 
+    /// The pool, for the scenarios that run on PostgreSQL only.
+    fn pg(&self) -> anyhow::Result<&PgPool> {
+        match &self.pool {
+            Pool::Pg(pool) => Ok(pool),
+            Pool::My(_) => bail!("this scenario runs on PostgreSQL only"),
+        }
+    }
+
+    /// Statistics as the server would keep them for what the table holds now (autovacuum on
+    /// PostgreSQL, InnoDB's persistent statistics on MySQL).
+    async fn analyze(&self) -> anyhow::Result<()> {
+        self.pool
+            .execute(match self.server.backend {
+                Backend::Postgres => "VACUUM ANALYZE outbox",
+                Backend::Mysql => "ANALYZE TABLE outbox",
+            })
+            .await
+    }
+
+    /// The library's relay in this process: default settings, no HTTP server.
+    fn spawn_relay(
+        &self,
+        amqp: &str,
+        health: Arc<outbox::Health>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let mut config = outbox::config::RelayConfig::new(vec![amqp.to_owned()]);
+        config.http_addr = None;
+        let opts = outbox::StoreOptions::new(Default::default());
+        Ok(match self.server.backend {
+            Backend::Postgres => {
+                let store = PgStore::connect_lazy(&self.url, opts)?;
+                tokio::spawn(outbox::relay::run(store, config, health, shutdown))
+            }
+            Backend::Mysql => {
+                let store = MyStore::connect_lazy(&self.url, opts)?;
+                tokio::spawn(outbox::relay::run(store, config, health, shutdown))
+            }
+        })
+    }
+
     async fn drop(self) -> anyhow::Result<()> {
         self.pool.close().await;
-        let admin = PgPool::connect(&format!("{}/postgres", self.server)).await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "DROP DATABASE {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&admin)
+        let force = match self.server.backend {
+            Backend::Postgres => " WITH (FORCE)",
+            Backend::Mysql => "",
+        };
+        self.server
+            .admin(format!("DROP DATABASE {}{force}", self.name))
+            .await
+    }
+}
+
+impl Server {
+    /// Runs one statement on a session of its own, outside the bench's databases.
+    async fn admin(&self, sql: String) -> anyhow::Result<()> {
+        let sql = AssertSqlSafe(sql);
+        match self.backend {
+            Backend::Postgres => {
+                let mut conn = PgConnection::connect(&format!("{}/postgres", self.url))
+                    .await
+                    .context("PostgreSQL (start it with scripts/services.sh)")?;
+                sqlx::raw_sql(sql).execute(&mut conn).await?;
+                conn.close().await?;
+            }
+            Backend::Mysql => {
+                let mut conn = self.mysql().await?;
+                sqlx::raw_sql(sql).execute(&mut conn).await?;
+                conn.close().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A MySQL session outside the bench's databases.
+    async fn mysql(&self) -> anyhow::Result<MySqlConnection> {
+        MySqlConnection::connect_with(&connect_options(&self.url)?)
+            .await
+            .context("MySQL or MariaDB at BENCH_MYSQL (scripts/services.sh starts MariaDB)")
+    }
+}
+
+/// A pool on a bench database, and the statements the scenarios write with, per dialect.
+#[derive(Clone)]
+enum Pool {
+    Pg(PgPool),
+    My(MySqlPool),
+}
+
+impl Pool {
+    async fn connect(backend: Backend, url: &str, max: u32) -> anyhow::Result<Self> {
+        Ok(match backend {
+            Backend::Postgres => Pool::Pg(
+                PgPoolOptions::new()
+                    .max_connections(max)
+                    .connect(url)
+                    .await?,
+            ),
+            Backend::Mysql => Pool::My(
+                MySqlPoolOptions::new()
+                    .max_connections(max)
+                    .connect_with(connect_options(url)?)
+                    .await?,
+            ),
+        })
+    }
+
+    /// The schema, applied by the store as `outbox migrate` does.
+    async fn migrate(&self) -> anyhow::Result<()> {
+        let opts = outbox::StoreOptions::new(Default::default());
+        match self {
+            Pool::Pg(pool) => outbox::Store::migrate(&PgStore::new(pool.clone(), opts)).await?,
+            Pool::My(pool) => outbox::Store::migrate(&MyStore::new(pool.clone(), opts)).await?,
+        };
+        Ok(())
+    }
+
+    async fn execute(&self, sql: &'static str) -> anyhow::Result<()> {
+        match self {
+            Pool::Pg(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ())?,
+            Pool::My(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ())?,
+        }
+        Ok(())
+    }
+
+    async fn close(&self) {
+        match self {
+            Pool::Pg(pool) => pool.close().await,
+            Pool::My(pool) => pool.close().await,
+        }
+    }
+
+    /// Commits `n` rows for `queue` over `KEYS` ordering keys in one statement.
+    async fn insert_rows(&self, queue: &str, n: usize) -> anyhow::Result<()> {
+        match self {
+            Pool::Pg(pool) => {
+                sqlx::query(
+                    "INSERT INTO outbox (routing_key, ordering_key, payload)
+                     SELECT $1, 'key-' || (i % $2), $3::jsonb FROM generate_series(1, $4) i",
+                )
+                .bind(queue)
+                .bind(KEYS as i64)
+                .bind(payload())
+                .bind(n as i64)
+                .execute(pool)
+                .await?;
+            }
+            Pool::My(pool) => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO outbox (routing_key, ordering_key, payload)
+                     SELECT ?, CONCAT('key-', i % ?), ? FROM ({}) numbers WHERE i < ?",
+                    numbers_below(n)
+                )))
+                .bind(queue)
+                .bind(KEYS as i64)
+                .bind(payload())
+                .bind(n as i64)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One row in a transaction of its own: its message id and `created_at` (µs since the
+    /// epoch), once committed.
+    async fn insert_one(
+        &self,
+        queue: &str,
+        key: &str,
+        body: &str,
+    ) -> anyhow::Result<(String, i64)> {
+        Ok(match self {
+            Pool::Pg(pool) => {
+                let mut tx = pool.begin().await?;
+                let row = sqlx::query_as(
+                    "INSERT INTO outbox (routing_key, ordering_key, payload)
+                     VALUES ($1, $2, $3::jsonb)
+                     RETURNING message_id::text,
+                               (extract(epoch FROM created_at) * 1000000)::bigint",
+                )
+                .bind(queue)
+                .bind(key)
+                .bind(body)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                row
+            }
+            Pool::My(pool) => {
+                // No RETURNING on MySQL: the row is read back by its key, in the transaction.
+                let mut tx = pool.begin().await?;
+                let id = sqlx::query(
+                    "INSERT INTO outbox (routing_key, ordering_key, payload) VALUES (?, ?, ?)",
+                )
+                .bind(queue)
+                .bind(key)
+                .bind(body)
+                .execute(&mut *tx)
+                .await?
+                .last_insert_id();
+                let row = sqlx::query_as(
+                    "SELECT message_id, CAST(UNIX_TIMESTAMP(created_at) * 1000000 AS SIGNED)
+                     FROM outbox WHERE id = ?",
+                )
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                row
+            }
+        })
+    }
+}
+
+/// A MySQL query of the numbers `i` from 0 up to at least `n`: a cross join of digit tables,
+/// as recursive queries are capped at 1000 rows by default.
+fn numbers_below(n: usize) -> String {
+    let digits = (0..10)
+        .map(|d| format!("SELECT {d} AS d"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let places = n.saturating_sub(1).max(1).to_string().len();
+    let sum: Vec<String> = (0..places)
+        .map(|p| format!("{} * d{p}.d", 10usize.pow(p as u32)))
+        .collect();
+    let tables: Vec<String> = (0..places).map(|p| format!("({digits}) d{p}")).collect();
+    format!("SELECT {} AS i FROM {}", sum.join(" + "), tables.join(", "))
+}
+
+/// How many statements a bench database has run so far, read on a session of its own.
+enum QueryCounter {
+    /// The database's transactions, committed or rolled back (every statement outside a
+    /// transaction is one), read from `postgres`.
+    Pg { conn: PgConnection, db: String },
+    /// The server's `Questions` (statements from every client), less this session's own
+    /// reads of it, one each.
+    My { conn: MySqlConnection, reads: i64 },
+}
+
+impl QueryCounter {
+    async fn open(db: &BenchDb) -> anyhow::Result<Self> {
+        Ok(match db.server.backend {
+            Backend::Postgres => QueryCounter::Pg {
+                conn: PgConnection::connect(&format!("{}/postgres", db.server.url)).await?,
+                db: db.name.clone(),
+            },
+            Backend::Mysql => QueryCounter::My {
+                conn: db.server.mysql().await?,
+                reads: 0,
+            },
+        })
+    }
+
+    async fn read(&mut self) -> anyhow::Result<i64> {
+        match self {
+            QueryCounter::Pg { conn, db } => {
+                sqlx::query("SELECT pg_stat_clear_snapshot()")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(sqlx::query_scalar(
+                    "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database
+                     WHERE datname = $1",
+                )
+                .bind(&*db)
+                .fetch_one(&mut *conn)
+                .await?)
+            }
+            QueryCounter::My { conn, reads } => {
+                let row = sqlx::raw_sql("SHOW GLOBAL STATUS LIKE 'Questions'")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                *reads += 1;
+                let questions: String = row.try_get(1)?;
+                Ok(questions.parse::<i64>()? - *reads)
+            }
+        }
+    }
+
+    /// On MySQL, where every client's statements count: warns of sessions outside `db`.
+    async fn warn_of_others(self, db: &str) -> anyhow::Result<()> {
+        let QueryCounter::My { mut conn, .. } = self else {
+            return Ok(());
+        };
+        let others: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST
+             WHERE ID <> CONNECTION_ID() AND COALESCE(DB, '') <> ?
+               AND COMMAND NOT IN ('Daemon', 'Binlog Dump')
+               AND USER NOT IN ('system user', 'event_scheduler')",
+        )
+        .bind(db)
+        .fetch_one(&mut conn)
         .await?;
+        if others > 0 {
+            eprintln!(
+                "warning: {others} other sessions on the MySQL server: their statements in \
+                 the idle window count as the relay's"
+            );
+        }
+        conn.close().await?;
         Ok(())
     }
 }
@@ -1225,7 +1722,52 @@ impl Drop for RelayProcess {
     }
 }
 
-/// Prints a table for people or one JSON line per scenario.
+/// A bound a figure should stay within.
+#[derive(Clone, Copy)]
+struct Target {
+    figure: &'static str,
+    /// The bound, and whether it is a floor (`>=`) or a ceiling (`<=`).
+    bound: f64,
+    floor: bool,
+}
+
+impl Target {
+    fn at_least(figure: &'static str, bound: f64) -> Self {
+        Target {
+            figure,
+            bound,
+            floor: true,
+        }
+    }
+
+    fn at_most(figure: &'static str, bound: f64) -> Self {
+        Target {
+            figure,
+            bound,
+            floor: false,
+        }
+    }
+
+    fn bound(&self) -> String {
+        format!("{} {}", if self.floor { ">=" } else { "<=" }, self.bound)
+    }
+
+    /// Whether `figures` meet it (a figure missing or not a number does not).
+    fn met(&self, figures: &[(&str, f64)]) -> bool {
+        figures
+            .iter()
+            .find(|(name, _)| *name == self.figure)
+            .is_some_and(|&(_, f)| {
+                if self.floor {
+                    f >= self.bound
+                } else {
+                    f <= self.bound
+                }
+            })
+    }
+}
+
+/// Prints a table for people or one JSON line per scenario and backend.
 struct Report {
     json: bool,
 }
@@ -1233,22 +1775,46 @@ struct Report {
 impl Report {
     fn new(json: bool) -> Self {
         if !json {
-            println!("{:<66} figures", "scenario");
+            println!("{:<88} {:<8} figures  [targets]", "scenario", "backend");
         }
         Report { json }
     }
 
-    fn row(&mut self, scenario: &str, figures: &[(&str, f64)]) {
+    /// One row: `backend` names the database, or [`LAPIN`] for the broker alone.
+    fn row(&mut self, scenario: &str, backend: &str, figures: &[(&str, f64)], targets: &[Target]) {
         if self.json {
             let mut v: BTreeMap<&str, serde_json::Value> = figures
                 .iter()
                 .map(|(k, f)| (*k, serde_json::json!((f * 1000.0).round() / 1000.0)))
                 .collect();
             v.insert("scenario", scenario.into());
+            v.insert("backend", backend.into());
+            if !targets.is_empty() {
+                let targets: serde_json::Map<String, serde_json::Value> = targets
+                    .iter()
+                    .map(|t| {
+                        let target = serde_json::json!({"bound": t.bound(), "met": t.met(figures)});
+                        (t.figure.to_owned(), target)
+                    })
+                    .collect();
+                v.insert("targets", targets.into());
+            }
             println!("{}", serde_json::to_string(&v).unwrap_or_default());
         } else {
             let text: Vec<String> = figures.iter().map(|(k, f)| format!("{k}={f:.2}")).collect();
-            println!("{scenario:<66} {}", text.join("  "));
+            let targets: Vec<String> = targets
+                .iter()
+                .map(|t| {
+                    let met = if t.met(figures) { "met" } else { "NOT MET" };
+                    format!("{} {}: {met}", t.figure, t.bound())
+                })
+                .collect();
+            let targets = if targets.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", targets.join("; "))
+            };
+            println!("{scenario:<88} {backend:<8} {}{targets}", text.join("  "));
         }
     }
 }
