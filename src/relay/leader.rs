@@ -45,7 +45,8 @@ const DATABASE_RETRY: Duration = Duration::from_millis(500);
 /// What the driver is asked to do next.
 #[derive(Debug)]
 pub(crate) enum Action {
-    /// Read up to `limit` claimable rows with ids from `from` up, skipping `skip`.
+    /// Read up to `limit` claimable rows with ids from `from` up, skipping `skip` (every
+    /// row held).
     Claim {
         limit: usize,
         from: i64,
@@ -571,7 +572,7 @@ impl Leader {
         }
         let limit = room.min(self.config.batch_size);
         let from = self.floor;
-        let skip = self.rows.held_from(from);
+        let skip = self.rows.held();
         self.claiming = Some(limit);
         Some(Action::Claim { limit, from, skip })
     }

@@ -124,6 +124,9 @@ struct Table {
     /// Late rows not yet committed, oldest first, by key (a service serializes one key's
     /// transactions, so a key's later rows commit after its earlier ones).
     uncommitted: BTreeMap<Option<String>, VecDeque<i64>>,
+    /// Claims name a row's previous row only if the leader does not hold it (as the MySQL
+    /// store does), rather than whatever it is (as PostgreSQL's does).
+    previous_unheld: bool,
 }
 
 impl Table {
@@ -155,6 +158,10 @@ impl Table {
                             && e.state == State::Pending
                             && e.key.is_some()
                             && e.key == r.key
+                    })
+                    // The MySQL store looks below the floor only, past the rows held.
+                    .filter(|(id, _)| {
+                        !(self.previous_unheld && (skip.contains(id) || **id >= from))
                     })
                     .map(|(&id, _)| id)
                     .next_back();
@@ -312,7 +319,10 @@ impl World {
         World {
             notifications,
             now,
-            table: Table::default(),
+            table: Table {
+                previous_unheld: !notifications,
+                ..Table::default()
+            },
             leader: Node::new(now, 0),
             zombie: None,
             received: Received::default(),

@@ -46,9 +46,10 @@ impl Rows {
         self.ready.is_empty()
     }
 
-    /// The held ids from `from` up: a claim from there skips them.
-    pub(super) fn held_from(&self, from: i64) -> Vec<i64> {
-        self.held.iter().copied().filter(|&id| id >= from).collect()
+    /// The held ids: a claim skips them (and a store may look below its floor for rows
+    /// that are not among them).
+    pub(super) fn held(&self) -> Vec<i64> {
+        self.held.iter().copied().collect()
     }
 
     /// Holds a claimed row: ready if its key has nothing ahead, else behind its key's rows.

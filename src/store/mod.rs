@@ -201,8 +201,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn lease(&self) -> impl Future<Output = Result<Self::Lease>> + Send;
 
     /// Up to `limit` rows due for publishing with ids from `from` up, oldest first, skipping
-    /// `held` (rows the leader already has), and holding back every row whose ordering key
-    /// has an earlier row that failed (dead, or pending with attempts).
+    /// `held` (every row the leader has), and holding back every row whose ordering key
+    /// has an earlier row that failed (dead, or pending with attempts). Each row with a key
+    /// names the pending row just before it on its key ([`OutboxRow::previous`]); a store
+    /// may leave that out when it is one of `held`, whose order the leader keeps itself.
     fn claim(
         &self,
         limit: usize,

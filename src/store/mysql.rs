@@ -8,12 +8,13 @@
 //! with the ids written in: they are integers, and a prepared statement per list length
 //! would fill the statement cache.
 
+use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError, MySqlPool};
-use sqlx::{AssertSqlSafe, Connection, FromRow, Row, SqlSafeStr, SqlStr};
+use sqlx::{AssertSqlSafe, Connection, FromRow, SqlSafeStr, SqlStr};
 
 use super::deadline::Work;
 use super::migrate::{Migration, history_table, render};
@@ -54,11 +55,11 @@ pub struct MyStore {
     sql: Arc<Statements>,
 }
 
-/// Every statement the relay runs, with the table name in it. `claim`, `previous` and
-/// `sent` are completed for each use.
+/// Every statement the relay runs, with the table name in it. `claim`, `late` and `sent`
+/// are completed for each use.
 struct Statements {
     claim: String,
-    previous: String,
+    late: String,
     sent: String,
     fence: SqlStr,
     failed: SqlStr,
@@ -110,11 +111,13 @@ impl Statements {
                           AND e.id < o.id))",
                 created_at = epoch("o.created_at"),
             ),
-            // With constants, one dive into the key's index; correlated with the claim, the
-            // servers would read every pending row of the key for each claimed row.
-            previous: format!(
-                "(SELECT max(id) FROM {t} FORCE INDEX ({t}_key_idx)
-                  WHERE ordering_key = ? AND state = 'pending' AND id < ?)"
+            // Pending rows of the claimed keys below the floor that the leader does not hold:
+            // committed late, after rows above them were claimed. One range of the key's
+            // index per key, whose held rows the index condition skips; a subquery per claimed
+            // row would read every pending row of its key, or cost a dive per row.
+            late: format!(
+                "SELECT id, ordering_key FROM {t} FORCE INDEX ({t}_key_idx)
+                 WHERE state = 'pending' AND blocking = 0"
             ),
             sent,
             // Locking read: a new leader raising the term waits for a mark under way, and a
@@ -196,15 +199,18 @@ impl Statements {
         sql
     }
 
-    /// For each claimed row with a key, the pending row just before it on its key.
-    fn previous(&self, rows: usize) -> String {
-        let mut sql = String::from("SELECT ");
-        for i in 0..rows {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&self.previous);
+    /// The late rows below `from` of `keys` (bound in order), skipping `held`.
+    fn late(&self, keys: usize, from: i64, held: &[i64]) -> String {
+        let mut sql = format!("{} AND id < {from}", self.late);
+        if !held.is_empty() {
+            sql.push_str(" AND id NOT IN ");
+            push_ids(&mut sql, held);
         }
+        sql.push_str(" AND ordering_key IN (");
+        for i in 0..keys {
+            sql.push_str(if i == 0 { "?" } else { ", ?" });
+        }
+        sql.push(')');
         sql
     }
 }
@@ -384,8 +390,12 @@ impl Store for MyStore {
         })
     }
 
+    /// Rows from `from` up; each row with a key names the latest pending row of its key
+    /// that the leader does not hold and that was committed late below `from` (rows from
+    /// `from` up come in this claim, in order; the leader keeps the held rows' order).
     async fn claim(&self, limit: usize, from: i64, held: &[i64]) -> Result<Vec<OutboxRow>> {
-        let claim = self.sql.claim(limit, from, held);
+        let (above, below): (Vec<i64>, Vec<i64>) = held.iter().partition(|&&id| id >= from);
+        let claim = self.sql.claim(limit, from, &above);
         let sql = self.sql.clone();
         self.within(move |conn| {
             Box::pin(async move {
@@ -395,20 +405,25 @@ impl Store for MyStore {
                     .iter()
                     .map(OutboxRow::from_row)
                     .collect::<Result<Vec<_>, _>>()?;
-                let keyed: Vec<usize> = (0..rows.len())
-                    .filter(|&i| rows[i].ordering_key.is_some())
+                let keys: BTreeSet<&str> = rows
+                    .iter()
+                    .filter_map(|r| r.ordering_key.as_deref())
                     .collect();
-                if keyed.is_empty() {
+                if from <= 0 || keys.is_empty() {
                     return Ok(rows);
                 }
-                let mut query =
-                    sqlx::query(AssertSqlSafe(sql.previous(keyed.len()))).persistent(false);
-                for &i in &keyed {
-                    query = query.bind(rows[i].ordering_key.clone()).bind(rows[i].id);
+                let late_sql = sql.late(keys.len(), from, &below);
+                let mut query = sqlx::query_as(AssertSqlSafe(late_sql)).persistent(false);
+                for key in keys {
+                    query = query.bind(key.to_owned());
                 }
-                let previous = query.fetch_one(&mut *conn).await?;
-                for (column, &i) in keyed.iter().enumerate() {
-                    rows[i].previous = previous.try_get(column)?;
+                let late: Vec<(i64, String)> = query.fetch_all(&mut *conn).await?;
+                for row in rows.iter_mut() {
+                    row.previous = late
+                        .iter()
+                        .filter(|(id, key)| *id < row.id && row.ordering_key.as_ref() == Some(key))
+                        .map(|(id, _)| *id)
+                        .max();
                 }
                 Ok(rows)
             })
