@@ -77,7 +77,7 @@ pub struct Failure {
 }
 
 /// Figures for the gauges and `outbox status`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, sqlx::FromRow)]
 pub struct Stats {
     /// Rows not yet sent and not dead.
     pub pending: i64,

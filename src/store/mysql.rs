@@ -480,15 +480,8 @@ impl Store for MyStore {
 
     async fn stats(&self) -> Result<Stats> {
         let sql = self.sql.stats.clone();
-        let (pending, oldest_pending_age_seconds, dead, next_retry_in_seconds) = self
-            .within(|conn| Box::pin(sqlx::query_as(sql).fetch_one(conn)))
-            .await?;
-        Ok(Stats {
-            pending,
-            oldest_pending_age_seconds,
-            dead,
-            next_retry_in_seconds,
-        })
+        self.within(|conn| Box::pin(sqlx::query_as(sql).fetch_one(conn)))
+            .await
     }
 
     async fn blocked_keys(&self) -> Result<Vec<String>> {
