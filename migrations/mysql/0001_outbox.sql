@@ -36,17 +36,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     -- Relay-owned, computed: the row holds back the later rows of its key (dead, or waiting
     -- to retry). Indexed, so that the ordering check of a claim reads no other rows.
     blocking        TINYINT AS (state = 'dead' OR (state = 'pending' AND attempts > 0)) VIRTUAL,
+    -- Every index costs each insert and each mark: four in all.
     UNIQUE KEY outbox_message_id_key (message_id),
-    -- Claims walk pending rows in id order; the gauges count pending and dead rows.
+    -- Claims walk pending rows in id order; the gauges count pending and dead rows; the
+    -- retention purge walks sent rows in id order (the order they were sent in, nearly).
     KEY outbox_state_idx (state, id),
-    -- The pending row just before a claimed row on its key.
+    -- The claimed keys' pending rows below the leader's floor (rows committed late).
     KEY outbox_key_idx (ordering_key, state, id),
-    -- "Is an earlier row of this key dead or waiting to retry?": normally no row at all.
-    KEY outbox_blocking_key_idx (ordering_key, blocking, id),
-    -- Retries that fell due.
-    KEY outbox_retry_idx (blocking, next_attempt_at),
-    -- Retention purges sent rows oldest first.
-    KEY outbox_sent_idx (state, sent_at)
+    -- The rows that hold back their key (normally none): "is an earlier row of this key
+    -- dead or waiting to retry?", retries that fell due, blocked keys.
+    KEY outbox_blocking_idx (blocking, ordering_key, id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin
   COMMENT = 'Transactional outbox: rows written with business data, published by outbox relay';
 

@@ -106,7 +106,7 @@ impl Statements {
                  FROM {t} o
                  WHERE o.state = 'pending' AND o.next_attempt_at <= NOW(6)
                    AND (o.ordering_key IS NULL OR NOT EXISTS (
-                        SELECT 1 FROM {t} e FORCE INDEX ({t}_blocking_key_idx)
+                        SELECT 1 FROM {t} e FORCE INDEX ({t}_blocking_idx)
                         WHERE e.ordering_key = o.ordering_key AND e.blocking = 1
                           AND e.id < o.id))",
                 created_at = epoch("o.created_at"),
@@ -170,7 +170,7 @@ impl Statements {
             purge: stmt(format!(
                 "DELETE FROM {t} WHERE state = 'sent'
                    AND sent_at < NOW(6) - INTERVAL ? MICROSECOND
-                 ORDER BY sent_at LIMIT ?"
+                 ORDER BY id LIMIT ?"
             )),
             dead_list: stmt(format!(
                 "SELECT message_id, ordering_key, attempts, last_error, exchange, routing_key,
