@@ -339,7 +339,7 @@ fn galera(e: sqlx::Error) -> Error {
         .is_some_and(|db| db.number() == ER_NOT_SUPPORTED_YET);
     if refused {
         Error::Unsupported(
-            "this server refuses GET_LOCK (Galera Cluster with wsrep_on): point DATABASE_URL at one node directly, or run a single relay",
+            "this server refuses GET_LOCK (Galera Cluster with wsrep_on), which leadership needs: keep the outbox table on a server outside Galera",
         )
     } else {
         e.into()
