@@ -26,6 +26,12 @@ mod migrate;
 
 pub(crate) use deadline::{pool_options, within};
 
+/// A statement built at start-up from the table name (a validated identifier) and literals:
+/// the only text the relay and the inbox send that is not a constant.
+pub(crate) fn stmt(sql: String) -> sqlx::SqlStr {
+    sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql))
+}
+
 /// How a store treats its table.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {

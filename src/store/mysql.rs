@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError, MySqlPool};
-use sqlx::{AssertSqlSafe, Connection, FromRow, SqlSafeStr, SqlStr};
+use sqlx::{AssertSqlSafe, Connection, FromRow, SqlStr};
 
 use super::deadline::Work;
 use super::migrate::{Migration, history_table, render};
 use super::{
     DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions, holder, pool_options,
-    within,
+    stmt, within,
 };
 use crate::message::OutboxRow;
 use crate::{Error, Result, TableName};
@@ -73,10 +73,6 @@ struct Statements {
     dead_list: SqlStr,
     dead_retry_all: SqlStr,
     dead_retry_one: SqlStr,
-}
-
-fn stmt(sql: String) -> SqlStr {
-    AssertSqlSafe(sql).into_sql_str()
 }
 
 /// Seconds since the epoch of a `TIMESTAMP(6)`, as a double.

@@ -9,12 +9,12 @@ use super::deadline::Work;
 use super::migrate::{Migration, history_table, render};
 use super::{
     DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions, holder, pool_options,
-    within,
+    stmt, within,
 };
 use crate::message::OutboxRow;
 use crate::{Result, TableName};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool};
-use sqlx::{AssertSqlSafe, Connection, SqlSafeStr, SqlStr};
+use sqlx::{AssertSqlSafe, Connection, SqlStr};
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -68,10 +68,6 @@ struct Statements {
     purge: SqlStr,
     dead_list: SqlStr,
     dead_retry: SqlStr,
-}
-
-fn stmt(sql: String) -> SqlStr {
-    AssertSqlSafe(sql).into_sql_str()
 }
 
 impl Statements {

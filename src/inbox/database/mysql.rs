@@ -10,10 +10,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::mysql::MySqlConnection;
-use sqlx::{AssertSqlSafe, MySql, SqlSafeStr, SqlStr, Transaction};
+use sqlx::{AssertSqlSafe, MySql, SqlStr, Transaction};
 
 use super::{Backend, Database};
 use crate::inbox::ConsumerConfig;
+use crate::store::stmt;
 
 /// Message ids per statement: two placeholders each, far below MySQL's 65 535.
 const IDS_PER_STATEMENT: usize = 1000;
@@ -50,7 +51,7 @@ impl MySqlStatements {
             "INSERT IGNORE INTO {} (consumer, message_id) VALUES {rows}",
             self.inbox
         );
-        AssertSqlSafe(text).into_sql_str()
+        stmt(text)
     }
 
     /// Counts the rows of `n` ids.
@@ -60,12 +61,8 @@ impl MySqlStatements {
             "SELECT count(*) FROM {} WHERE consumer = ? AND message_id IN ({ids})",
             self.inbox
         );
-        AssertSqlSafe(text).into_sql_str()
+        stmt(text)
     }
-}
-
-fn sql(text: String) -> SqlStr {
-    AssertSqlSafe(text).into_sql_str()
 }
 
 impl Backend for MySql {
@@ -81,7 +78,7 @@ impl Backend for MySql {
             .div_ceil(1_000_000)
             .max(1);
         MySqlStatements {
-            begin: sql(format!(
+            begin: stmt(format!(
                 "SET @outbox_wait_timeout = @@SESSION.wait_timeout,
                      @outbox_lock_wait_timeout = @@SESSION.innodb_lock_wait_timeout,
                      @outbox_autocommit = @@SESSION.autocommit;
@@ -91,14 +88,16 @@ impl Backend for MySql {
                  START TRANSACTION;
                  SAVEPOINT {SAVEPOINT}"
             )),
-            end: sql("SET SESSION wait_timeout = @outbox_wait_timeout,
+            end: stmt(
+                "SET SESSION wait_timeout = @outbox_wait_timeout,
                      innodb_lock_wait_timeout = @outbox_lock_wait_timeout,
                      autocommit = @outbox_autocommit"
-                .into()),
-            record: sql(format!(
+                    .into(),
+            ),
+            record: stmt(format!(
                 "INSERT IGNORE INTO {inbox} (consumer, message_id) VALUES (?, ?)"
             )),
-            purge: sql(format!(
+            purge: stmt(format!(
                 "DELETE FROM {inbox} WHERE consumer = ?
                    AND received_at < NOW(6) - INTERVAL ? MICROSECOND
                  ORDER BY received_at LIMIT ?"

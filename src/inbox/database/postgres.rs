@@ -5,10 +5,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::postgres::PgConnection;
-use sqlx::{AssertSqlSafe, Postgres, SqlSafeStr, SqlStr, Transaction};
+use sqlx::{Postgres, SqlStr, Transaction};
 
 use super::{Backend, Database};
 use crate::inbox::ConsumerConfig;
+use crate::store::stmt;
 
 /// PostgreSQL's "current transaction is aborted, commands ignored until end of transaction
 /// block".
@@ -32,31 +33,27 @@ pub struct PgStatements {
     purge: SqlStr,
 }
 
-fn sql(text: String) -> SqlStr {
-    AssertSqlSafe(text).into_sql_str()
-}
-
 impl Backend for Postgres {
     type Statements = PgStatements;
 
     fn statements(config: &ConsumerConfig) -> PgStatements {
         let t = &config.table;
         PgStatements {
-            begin: sql(format!(
+            begin: stmt(format!(
                 "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}",
                 config.transaction_timeout.as_millis().max(1)
             )),
-            record: sql(format!(
+            record: stmt(format!(
                 "INSERT INTO {t}_inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
             )),
-            record_all: sql(format!(
+            record_all: stmt(format!(
                 "INSERT INTO {t}_inbox (consumer, message_id) SELECT $1, unnest($2::text[])
                  ON CONFLICT DO NOTHING RETURNING message_id"
             )),
-            recorded: sql(format!(
+            recorded: stmt(format!(
                 "SELECT count(*) FROM {t}_inbox WHERE consumer = $1 AND message_id = ANY($2)"
             )),
-            purge: sql(format!(
+            purge: stmt(format!(
                 "DELETE FROM {t}_inbox WHERE ctid IN (
                     SELECT ctid FROM {t}_inbox WHERE consumer = $1
                       AND received_at < now() - $2 * interval '1 millisecond' LIMIT $3)"
