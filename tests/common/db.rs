@@ -718,48 +718,26 @@ impl DbHandle {
 
     /// The `id` of a row.
     pub async fn row_id(&self, message_id: &str) -> i64 {
-        let sql = match self.backend {
-            Backend::Postgres => "SELECT id FROM {t} WHERE message_id = $1::uuid",
-            Backend::Mysql => "SELECT id FROM {t} WHERE message_id = ?",
-        };
-        let sql = sql.replace("{t}", self.table.as_str());
-        match &self.pool {
-            Pool::Pg(p) => sqlx::query_scalar(AssertSqlSafe(sql))
-                .bind(message_id)
-                .fetch_one(p)
-                .await
-                .unwrap(),
-            Pool::My(p) => sqlx::query_scalar(AssertSqlSafe(sql))
-                .bind(message_id)
-                .fetch_one(p)
-                .await
-                .unwrap(),
-        }
+        self.scalar(&self.of_row("id", message_id)).await
     }
 
     /// A row's `created_at` in seconds since the epoch.
     pub async fn created_epoch(&self, message_id: &str) -> f64 {
-        let sql = match self.backend {
-            Backend::Postgres => {
-                "SELECT extract(epoch FROM created_at)::float8 FROM {t} WHERE message_id = $1::uuid"
-            }
-            Backend::Mysql => {
-                "SELECT UNIX_TIMESTAMP(created_at) + 0e0 FROM {t} WHERE message_id = ?"
-            }
+        let epoch = match self.backend {
+            Backend::Postgres => "extract(epoch FROM created_at)::float8",
+            Backend::Mysql => "UNIX_TIMESTAMP(created_at) + 0e0",
         };
-        let sql = sql.replace("{t}", self.table.as_str());
-        match &self.pool {
-            Pool::Pg(p) => sqlx::query_scalar(AssertSqlSafe(sql))
-                .bind(message_id)
-                .fetch_one(p)
-                .await
-                .unwrap(),
-            Pool::My(p) => sqlx::query_scalar(AssertSqlSafe(sql))
-                .bind(message_id)
-                .fetch_one(p)
-                .await
-                .unwrap(),
-        }
+        let rows: Vec<(f64,)> = self.rows(&self.of_row(epoch, message_id)).await;
+        rows.first().expect("the row exists").0
+    }
+
+    /// A query of `column` of the row with `message_id` (a UUID, written in as text).
+    fn of_row(&self, column: &str, message_id: &str) -> String {
+        let id = uuid::Uuid::parse_str(message_id).expect("a message id is a UUID");
+        format!(
+            "SELECT {column} FROM {} WHERE message_id = '{id}'",
+            self.table
+        )
     }
 
     /// Runs one statement of SQL that both backends understand.
