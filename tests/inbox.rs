@@ -40,6 +40,8 @@ struct Effects {
     hook: Option<Arc<Hook>>,
     /// Also enqueue an outbox row in the same transaction.
     enqueue: bool,
+    /// Holds every call until it is open (a test lets deliveries pile up behind it).
+    gate: Option<Arc<tokio::sync::watch::Sender<bool>>>,
 }
 
 impl Effects {
@@ -65,6 +67,9 @@ where
         tx: &mut DB::Connection,
         msg: &Incoming<Body>,
     ) -> Result<(), HandlerError> {
+        if let Some(gate) = &self.gate {
+            let _ = gate.subscribe().wait_for(|open| *open).await;
+        }
         let call = self.count(msg);
         let sql = "INSERT INTO effects (message_id, n) VALUES (?, ?)";
         tx.run(sql, &[Arg::Text(&msg.message_id), Arg::Int(msg.body.n)])
@@ -497,21 +502,31 @@ on_both_backends! {
         backend: Backend,
     ) {
         let mut s = setup(backend).await;
-        // One batch at a time: what arrives while one is applied waits to form the next, so
-        // batches hold several messages even on a loaded machine.
+        // One batch at a time: what arrives while one is applied waits to form the next.
         s.config.concurrency = 1;
+        let gate = Arc::new(tokio::sync::watch::channel(false).0);
         let handler = Effects {
             // Several poison messages: whatever the batches, some fail behind others.
             hook: Some(Arc::new(|msg, _| match msg.body.n % 10 {
                 3 => Err("poison: n = ..3 is refused".into()),
                 _ => Ok(()),
             })),
+            gate: Some(gate.clone()),
             ..Default::default()
         };
-        // A backlog waiting for the consumer arrives as batches.
+        // A backlog waiting for the consumer arrives as batches: the first batch is held
+        // until every message has reached the consumer, so the next one holds all that are
+        // left, poison among them, however slowly the machine delivers them.
         s.declare_queue().await;
         s.publish_numbered(0..30, 1).await;
         let _stop = s.start(handler.clone());
+        eventually(
+            "every message delivered to the consumer",
+            Duration::from_secs(20),
+            || async { s.ready().await == 0 },
+        )
+        .await;
+        gate.send_replace(true);
         s.wait_for_effects(27).await;
         for n in 0..30 {
             let expected = i64::from(n % 10 != 3);
