@@ -1,4 +1,4 @@
-//! `/healthz`, `/readyz`, `/metrics` and a status page, on `OUTBOX_HTTP_ADDR`.
+//! `/healthz`, `/readyz`, `/metrics`, a status page and `POST /wake`, on `OUTBOX_HTTP_ADDR`.
 
 use std::sync::Arc;
 
@@ -6,7 +6,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,7 @@ pub async fn serve(
         .route("/healthz", get(alive))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/wake", post(wake))
         .with_state(Shared { health, prometheus });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -77,6 +78,12 @@ fn not_ready_reasons(snap: &crate::health::Snapshot) -> Vec<String> {
         reasons.push(format!("broker blocked publishing: {why}"));
     }
     reasons
+}
+
+/// A service nudges its sidecar after a commit: no body, nothing read, nothing to protect.
+async fn wake(State(s): State<Shared>) -> StatusCode {
+    s.health.wake();
+    StatusCode::NO_CONTENT
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {

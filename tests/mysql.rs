@@ -88,6 +88,44 @@ async fn a_lower_id_committed_after_higher_ids_were_published_arrives_within_the
     );
 }
 
+/// Without notifications a quiet relay finds a new row at its next poll, which backs off to
+/// OUTBOX_POLL_INTERVAL: after three quiet seconds the next is about two seconds away. A
+/// service that posts `/wake` after its commit has the row published at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_service_posts_wake_after_its_commit_is_published_at_once() {
+    let db = Db::new(Backend::Mysql).await;
+    let queue = TestQueue::new().await;
+    let relay = Relay::start(
+        &db.url,
+        &db.table,
+        &[
+            ("OUTBOX_POLL_INTERVAL", "10s"),
+            ("OUTBOX_LEADER_CHECK", "10s"),
+            ("OUTBOX_LEASE_TIMEOUT", "30s"),
+        ],
+    );
+    wait_leading(&relay).await;
+    let service = db.handle();
+    let mut took = Vec::new();
+    for round in 0..3 {
+        // The stimulus, not a wait for a condition: the relay idles, its polls back off.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let id = service
+            .insert(&queue.name, None, json!({"round": round}))
+            .await;
+        let committed = Instant::now();
+        assert_eq!(http_post(relay.http, "/wake").await.0, 204);
+        eventually(
+            "the row within 500 ms of its commit and wake",
+            Duration::from_millis(500),
+            || async { queue.received().iter().any(|m| m.message_id == id) },
+        )
+        .await;
+        took.push(committed.elapsed());
+    }
+    println!("commit + POST /wake to consumer, after 3 s quiet (checked every 50 ms): {took:?}");
+}
+
 /// Percentile `p` (0 to 1) of sorted `xs`.
 fn percentile(xs: &[Duration], p: f64) -> Duration {
     xs[((xs.len() - 1) as f64 * p).round() as usize]
