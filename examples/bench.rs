@@ -139,7 +139,7 @@ fn args() -> anyhow::Result<Args> {
             }
             other => bail!(
                 "unknown argument {other:?} (expected --rows N, --rounds N, --json, \
-                 --only raw|drain|scale|latency|idle|quiet|inbox, \
+                 --only raw|drain|scale|latency|idle|quiet|inbox|telemetry, \
                  --backend postgres|mysql|both, --quiet-secs N)"
             ),
         }
@@ -208,7 +208,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if b.wanted("idle") {
         for server in &b.servers {
-            let idle = idle_relay(&b, server).await?;
+            let idle = idle_relay(&b, server, &[]).await?;
             report.row(
                 "idle relay",
                 server.backend.name(),
@@ -232,6 +232,9 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     };
+    if b.wanted("telemetry") {
+        telemetry_cost(&b, pg, &mut report).await?;
+    }
     if b.wanted("inbox") {
         let inbox_rows = b.args.rows.min(20_000);
         let (inbox, plain) = inbox_consumer(&b, pg, inbox_rows).await?;
@@ -847,6 +850,8 @@ struct Backlog {
     keep: bool,
     /// A consumer empties the queue as it fills (else the queue keeps every message).
     consume: bool,
+    /// The relay exports its spans to an OTLP/HTTP receiver at this address.
+    otlp: Option<std::net::SocketAddr>,
 }
 
 impl Backlog {
@@ -858,6 +863,7 @@ impl Backlog {
             sent: 0,
             keep: false,
             consume: false,
+            otlp: None,
         }
     }
 }
@@ -872,6 +878,7 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         sent,
         keep,
         consume,
+        otlp,
     } = backlog;
     let db = BenchDb::create(server).await?;
     let channel = conn.create_channel().await?;
@@ -891,7 +898,9 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
     }
     let retention = if keep { "7d" } else { "0s" };
     let start_relay = || {
-        let env = [("OUTBOX_RETENTION", retention)];
+        let endpoint = otlp.map(|addr| format!("http://{addr}"));
+        let mut env = vec![("OUTBOX_RETENTION", retention)];
+        env.extend(endpoint.as_deref().map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e)));
         RelayProcess::start(&b.relay_bin, &db.url, &b.amqp, &env)
     };
     let (relay, committed) = match arrival {
@@ -979,6 +988,53 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         cpu_s_per_10k: cpu / n as f64 * 10_000.0,
         commit_to_first_row_ms,
     })
+}
+
+/// What exporting spans costs the relay: CPU per 10k rows of a classic backlog, its rate,
+/// and idle memory, with no OTLP endpoint and with one (a sink that reads and drops).
+async fn telemetry_cost(b: &Bench, server: &Server, report: &mut Report) -> anyhow::Result<()> {
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sink_addr = sink.local_addr()?;
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| async move {
+            count.fetch_add(body.len(), std::sync::atomic::Ordering::Relaxed);
+        }),
+    );
+    let server_task = tokio::spawn(async move { axum::serve(sink, app).await });
+    let rows = b.args.rows.min(20_000);
+    for otlp in [None, Some(sink_addr)] {
+        let drain = backlog_drain(b, server, Backlog {
+            otlp,
+            ..Backlog::new(QueueKind::Classic, rows)
+        })
+        .await?;
+        let endpoint = otlp.map(|addr| format!("http://{addr}"));
+        let env: Vec<(&str, &str)> = endpoint
+            .iter()
+            .map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e.as_str()))
+            .collect();
+        let idle = idle_relay(b, server, &env).await?;
+        let exported = received.swap(0, std::sync::atomic::Ordering::Relaxed);
+        report.row(
+            match otlp {
+                None => "spans not exported (no OTLP endpoint)",
+                Some(_) => "spans exported over OTLP/HTTP",
+            },
+            server.backend.name(),
+            &[
+                ("cpu_s_per_10k_rows", drain.cpu_s_per_10k),
+                ("rows_per_s", drain.rate),
+                ("idle_rss_mib", idle.rss_mib),
+                ("otlp_bytes_per_row", exported as f64 / rows as f64),
+            ],
+            &[Target::at_most("idle_rss_mib", 16.0)],
+        );
+    }
+    server_task.abort();
+    Ok(())
 }
 
 /// Percentiles of a sample, in milliseconds.
@@ -1274,9 +1330,9 @@ struct Idle {
 
 /// A relay leading an empty table: its resident memory, and the statements its database
 /// counts per second.
-async fn idle_relay(b: &Bench, server: &Server) -> anyhow::Result<Idle> {
+async fn idle_relay(b: &Bench, server: &Server, env: &[(&str, &str)]) -> anyhow::Result<Idle> {
     let db = BenchDb::create(server).await?;
-    let relay = RelayProcess::start(&b.relay_bin, &db.url, &b.amqp, &[])?;
+    let relay = RelayProcess::start(&b.relay_bin, &db.url, &b.amqp, env)?;
     let mut counter = QueryCounter::open(&db).await?;
     // PostgreSQL's statistics of other sessions are read as of their last flush (at most 1 s
     // old while busy, 10 s when idle): the window below is long enough for that to cancel.

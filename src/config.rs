@@ -25,8 +25,20 @@ pub struct Config {
     /// `OUTBOX_QUERY_TIMEOUT`: one database statement at most, waiting for a pooled
     /// connection included (default 10s).
     pub query_timeout: Duration,
+    /// `OUTBOX_LOG_FORMAT`: `text` (the default, for people) or `json` (one object a line).
+    pub log_format: LogFormat,
     /// The relay's own settings.
     pub relay: RelayConfig,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, target, message and the event's fields.
+    Json,
 }
 
 /// What only `outbox relay` needs.
@@ -120,6 +132,11 @@ impl Config {
         let retention = r.duration("OUTBOX_RETENTION", Duration::ZERO);
         let dedup_window = r.duration("OUTBOX_DEDUP_WINDOW", Duration::from_secs(7 * 24 * 3600));
         let query_timeout = r.duration("OUTBOX_QUERY_TIMEOUT", Duration::from_secs(10));
+        let log_format = r.parse("OUTBOX_LOG_FORMAT", LogFormat::Text, |s| match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("expected text or json, got {s:?}")),
+        });
         let d = RelayConfig::new(Vec::new());
         let relay = RelayConfig {
             amqp_urls: r.amqp_urls(needs_broker),
@@ -173,6 +190,7 @@ impl Config {
                 retention,
                 dedup_window,
                 query_timeout,
+                log_format,
                 relay,
             }),
             false => Err(r.errors),

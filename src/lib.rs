@@ -26,7 +26,7 @@
 //! - [`relay`]: leadership and the claim -> publish -> mark loop.
 //! - [`inbox`]: consuming with exactly-once effects (the consumer inbox).
 //! - [`config`]: the environment, read in one place.
-//! - [`http`], [`health`], [`metrics`]: what operators see.
+//! - [`http`], [`health`], [`metrics`]: what operators see; [`telemetry`]: traces (OTLP).
 //!
 //! ## Quick start
 //!
@@ -56,6 +56,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod relay;
 pub mod store;
+pub mod telemetry;
 
 pub use error::{Error, Result};
 pub use health::Health;

@@ -41,6 +41,14 @@ pub async fn enqueue_all<C: Backend + ?Sized>(
     conn.insert(table, messages).await
 }
 
+/// The row's headers as JSON, with the current span's trace context as its `traceparent`
+/// unless the message names one.
+fn headers_json(message: &Message) -> String {
+    let mut headers = message.headers.clone();
+    crate::telemetry::fill_trace_headers(&mut headers);
+    serde_json::Value::Object(headers).to_string()
+}
+
 #[cfg(feature = "postgres")]
 impl Backend for sqlx::PgConnection {
     async fn insert(&mut self, table: &TableName, messages: &[Message]) -> Result<()> {
@@ -60,9 +68,7 @@ impl Backend for sqlx::PgConnection {
             .bind(column(|m| m.ordering_key.clone()))
             .bind(column(|m| m.message_type.clone()))
             .bind(column(|m| Some(m.payload.to_string())))
-            .bind(column(|m| {
-                Some(serde_json::Value::Object(m.headers.clone()).to_string())
-            }))
+            .bind(column(|m| Some(headers_json(m))))
             .execute(self)
             .await?;
         Ok(())
@@ -94,7 +100,7 @@ impl Backend for sqlx::MySqlConnection {
                 .bind(&m.ordering_key)
                 .bind(&m.message_type)
                 .bind(m.payload.to_string())
-                .bind(serde_json::Value::Object(m.headers.clone()).to_string());
+                .bind(headers_json(m));
         }
         query.execute(self).await?;
         Ok(())

@@ -7,24 +7,6 @@ use std::process::Command;
 
 use common::*;
 
-/// The demo binary that `cargo test` builds beside the tests.
-fn demo_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("order_payment");
-    assert!(
-        bin.exists(),
-        "{} is missing: run the tests with `cargo test` (it builds the examples)",
-        bin.display()
-    );
-    bin
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_order_is_settled_exactly_once_under_chaos() {
     let orders = Db::new(Backend::Postgres).await;

@@ -21,10 +21,12 @@ use outbox::config::RelayConfig;
 use outbox::inbox::{ConsumerConfig, Handler, consume};
 use outbox::store::mysql::MyStore;
 use outbox::store::postgres::PgStore;
+use outbox::telemetry::Telemetry;
 use outbox::{Health, Store, StoreOptions};
 use serde::Serialize;
 use sqlx::{AssertSqlSafe, MySqlPool, PgPool, Pool};
 use std::sync::Arc;
+use tracing::Instrument;
 
 use services::{ChargeCustomer, SettleOrder};
 use supervisor::{Chaos, Component, ServiceDb};
@@ -68,11 +70,8 @@ fn args() -> anyhow::Result<Args> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .init();
-    }
+    let telemetry = Telemetry::from_env("order-payment-demo").map_err(anyhow::Error::msg)?;
+    init_tracing(telemetry.as_ref());
     let args = args()?;
     let orders_url = std::env::var("ORDERS_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/orders".into());
@@ -197,9 +196,25 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", summary.line());
     }
     if !summary.ok {
+        drop(telemetry); // exports the spans not yet sent
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Logs when `RUST_LOG` is set; spans to OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is (one
+/// trace then runs from an order's placement through the payment to the order's update).
+fn init_tracing(telemetry: Option<&Telemetry>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let logs = std::env::var_os("RUST_LOG").is_some();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs.then(tracing_subscriber::fmt::layer))
+        .with(telemetry.map(Telemetry::layer))
+        .init();
 }
 
 /// The order service's database on PostgreSQL: created if missing, the outbox schema and
@@ -328,11 +343,16 @@ async fn place_orders(
     for i in 0..n as i64 {
         let customer = 1 + (i * 7) % CUSTOMERS;
         let amount = 100 + (i * 7919) % 9900;
-        let mut tx = pool.begin().await?;
-        services::place_order(&mut tx, &exchange, customer, amount)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        tx.commit().await?;
+        let span = tracing::info_span!("place order", customer, amount);
+        let placed = async {
+            let mut tx = pool.begin().await?;
+            services::place_order(&mut tx, &exchange, customer, amount)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            tx.commit().await?;
+            anyhow::Ok(())
+        };
+        placed.instrument(span).await?;
         tokio::time::sleep(spacing).await;
     }
     Ok(())

@@ -8,10 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-use outbox::config::{Config, redact};
+use outbox::config::{Config, LogFormat, redact};
+use outbox::telemetry::Telemetry;
 use outbox::{Health, Store};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(
@@ -97,22 +100,51 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let telemetry = match Telemetry::from_env("outbox-relay") {
+        Ok(telemetry) => telemetry,
+        Err(line) => {
+            eprintln!("outbox: bad configuration: {line}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logs(filter, config.log_format, telemetry.as_ref());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(cli.command, config)) {
+    let code = match runtime.block_on(run(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outbox: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    drop(runtime);
+    drop(telemetry); // exports the spans not yet sent
+    code
+}
+
+/// Logs to stderr as text or JSON lines; spans to OTLP too when an endpoint is set.
+fn init_logs(filter: EnvFilter, format: LogFormat, telemetry: Option<&Telemetry>) {
+    let stderr = std::io::stderr;
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&stderr()))
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .with_writer(stderr)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .with(telemetry.map(Telemetry::layer))
+        .init();
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use super::{PublishError, Publisher, closed};
 use crate::message::OutboxRow;
+use crate::telemetry::PublishSpan;
 
 /// What a connection's publish task reports.
 #[derive(Debug)]
@@ -111,11 +112,15 @@ struct Task {
 /// The publishes awaiting their confirm, in the order they were sent.
 type Sent = BTreeMap<u64, Instant>;
 
+/// The spans of the publishes awaiting their confirm, by row (only while exporting).
+type Spans = HashMap<i64, PublishSpan>;
+
 impl Task {
     async fn run(self, mut jobs: mpsc::UnboundedReceiver<Arc<OutboxRow>>) {
         let mut in_flight = FuturesUnordered::new();
         let mut sent = Sent::new();
         let mut returned = HashMap::new();
+        let mut spans = Spans::new();
         let mut blocked = self.publisher.blocked();
         let mut unblocked_at = Instant::now();
         let lost = closed(self.publisher.connection());
@@ -134,7 +139,7 @@ impl Task {
                     while let Some(Some(more)) = in_flight.next().now_or_never() {
                         ready.push(more);
                     }
-                    if let Some(reason) = self.settle(ready, &mut sent, &mut returned) {
+                    if let Some(reason) = self.settle(ready, &mut sent, &mut returned, &mut spans) {
                         break reason;
                     }
                 }
@@ -142,6 +147,9 @@ impl Task {
                     Some(row) => {
                         let seq = sent.last_key_value().map_or(0, |(&s, _)| s + 1);
                         sent.insert(seq, Instant::now());
+                        if let Some(span) = PublishSpan::start(&row) {
+                            spans.insert(row.id, span);
+                        }
                         let (publisher, app_id) = (self.publisher.clone(), self.app_id.clone());
                         in_flight.push(async move {
                             let confirm = publisher.publish(&row, app_id.as_deref()).await;
@@ -159,6 +167,9 @@ impl Task {
                 _ = sleep_until(deadline) => break PublishError::Timeout,
             }
         };
+        for span in spans.into_values() {
+            span.end(&Err(reason.clone()));
+        }
         let _ = self.reports.send(Report::Lost {
             conn: self.conn,
             reason,
@@ -172,6 +183,7 @@ impl Task {
         ready: Vec<(u64, Arc<OutboxRow>, Confirm)>,
         sent: &mut Sent,
         returned: &mut HashMap<String, String>,
+        spans: &mut Spans,
     ) -> Option<PublishError> {
         let mut failure = None;
         let mut verdicts = Vec::with_capacity(ready.len());
@@ -183,6 +195,9 @@ impl Task {
             }
         }
         for outcome in settle(self.conn, verdicts, returned) {
+            if let Some(span) = spans.remove(&outcome.id) {
+                span.end(&outcome.result);
+            }
             let _ = self.reports.send(Report::Outcome(outcome));
         }
         failure

@@ -7,9 +7,11 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
 use serde::de::DeserializeOwned;
 use sqlx::Pool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::apply_error::{ApplyError, failed_earlier};
 use super::database::{Database, Leased};
@@ -206,6 +208,8 @@ where
             message_type: delivery.properties.kind().as_ref().map(|s| s.to_string()),
             routing_key: delivery.routing_key.to_string(),
             redelivered: delivery.redelivered,
+            traceparent: text_header(delivery, "traceparent"),
+            tracestate: text_header(delivery, "tracestate"),
             body,
         })
     }
@@ -282,6 +286,7 @@ where
         }
         self.handler
             .handle(&mut tx, message)
+            .instrument(self.span(message))
             .await
             .map_err(ApplyError::Handler)?;
         self.check_recorded(&mut tx, std::slice::from_ref(&message.message_id))
@@ -329,7 +334,8 @@ where
         for (at, (_, message)) in batch.iter().enumerate() {
             let is_fresh = fresh.remove(&message.message_id);
             if is_fresh {
-                self.handler.handle(&mut tx, message).await.map_err(|e| {
+                let handled = self.handler.handle(&mut tx, message);
+                handled.instrument(self.span(message)).await.map_err(|e| {
                     // The transaction was aborted by an earlier statement, perhaps another handler's.
                     if failed_earlier::<DB>(&e) {
                         (None, ApplyError::Aborted)
@@ -345,6 +351,17 @@ where
             .map_err(|e| (None, e))?;
         tx.commit().await.map_err(database)?;
         Ok(applied)
+    }
+
+    /// The span the handler runs in: a child of the message's trace.
+    fn span(&self, message: &Incoming<T>) -> tracing::Span {
+        crate::telemetry::process_span(
+            &self.consumer,
+            &message.message_id,
+            &message.routing_key,
+            message.traceparent.as_deref(),
+            message.tracestate.as_deref(),
+        )
     }
 
     /// Before COMMIT: the transaction is alive and still holds the `ids` it recorded (each
@@ -377,5 +394,14 @@ where
                 Err(_) => Err(ApplyError::Timeout(self.transaction_timeout)),
             },
         }
+    }
+}
+
+/// A header of `delivery` that holds text.
+fn text_header(delivery: &Delivery, name: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
     }
 }

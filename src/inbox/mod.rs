@@ -88,6 +88,10 @@ pub struct Incoming<T> {
     pub routing_key: String,
     /// The broker delivered it before (a previous consumer did not ack it).
     pub redelivered: bool,
+    /// The W3C `traceparent` header (the producing transaction's trace), if any.
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` header, if any.
+    pub tracestate: Option<String>,
     /// The JSON body, decoded.
     pub body: T,
 }

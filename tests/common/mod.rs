@@ -5,6 +5,7 @@
 
 pub mod db;
 pub mod inbox;
+pub mod otlp;
 pub mod proxy;
 pub mod workload;
 
@@ -214,6 +215,44 @@ impl TestQueue {
         .await;
         self.received()
     }
+}
+
+/// Whether the queue `name` exists (a passive declare, on a channel of its own).
+pub async fn queue_exists(name: &str) -> bool {
+    let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
+        return false;
+    };
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let exists = match conn.create_channel().await {
+        Ok(ch) => ch
+            .queue_declare(name.into(), passive, FieldTable::default())
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    let _ = conn.close(0, "done".into()).await;
+    exists
+}
+
+/// The demo binary that `cargo test` builds beside the tests.
+pub fn demo_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("order_payment");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test` (it builds the examples)",
+        bin.display()
+    );
+    bin
 }
 
 /// The `outbox` binary.
