@@ -34,6 +34,8 @@ pub struct Health {
     pending_seen: AtomicBool,
     /// Signalled when the broker becomes blocked or unblocked, so waits end at once.
     pub(crate) broker_changed: Notify,
+    /// The broker node of the last connection opened (URL redacted), for the status page.
+    broker_node: Mutex<Option<String>>,
 }
 
 /// A snapshot for `/readyz` and the status page.
@@ -73,6 +75,7 @@ impl Health {
             stats: Mutex::default(),
             pending_seen: AtomicBool::default(),
             broker_changed: Notify::default(),
+            broker_node: Mutex::default(),
         }
     }
 
@@ -187,6 +190,16 @@ impl Health {
     /// Whether the leader's last look saw pending rows.
     pub fn pending_seen(&self) -> bool {
         self.pending_seen.load(Ordering::Relaxed)
+    }
+
+    /// Records the node of the connection just opened (its URL redacted).
+    pub fn set_broker_node(&self, node: String) {
+        *self.broker_node.lock().expect("health lock") = Some(node);
+    }
+
+    /// The node of the last connection opened, if any.
+    pub fn broker_node(&self) -> Option<String> {
+        self.broker_node.lock().expect("health lock").clone()
     }
 
     /// The state as `/readyz` judges it.
