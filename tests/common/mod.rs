@@ -308,13 +308,26 @@ impl Drop for Relay {
 
 /// A minimal HTTP/1.0 GET; (0, "") when nothing answers.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, &[], "").await
+}
+
+/// A minimal HTTP/1.0 request with `headers` and `body`; (0, "") when nothing answers.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return (0, String::new());
     };
-    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .is_err()
-    {
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: x\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    if s.write_all(request.as_bytes()).await.is_err() {
         return (0, String::new());
     }
     let mut buf = String::new();
