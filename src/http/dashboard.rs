@@ -30,6 +30,8 @@ const STYLE: &str = include_str!("page.css");
 const SCRIPT: &str = include_str!("page.js");
 /// The operations guide, which the alarm banner links to.
 const OPERATIONS: &str = include_str!("../../docs/operations.md");
+/// How long the page waits for the database before answering without what it asked.
+const DB_WAIT: Duration = Duration::from_secs(2);
 /// Where the guide explains the watermarks and what to do during an alarm.
 pub const ALARM_DOCS: &str = "docs/operations.md#memory-and-disk-alarms";
 
@@ -76,6 +78,12 @@ fn gauges(snap: &Snapshot) -> [(&'static str, f64); 7] {
     ]
 }
 
+/// What `read` found, unless it failed or the database took over [`DB_WAIT`]: the page
+/// answers without it rather than hang while the database is down.
+async fn quick<T>(read: impl Future<Output = crate::Result<T>>) -> Option<T> {
+    tokio::time::timeout(DB_WAIT, read).await.ok()?.ok()
+}
+
 /// Which alarm a blocking reason names.
 fn alarm_kind(reason: &str) -> &'static str {
     match reason {
@@ -87,7 +95,10 @@ fn alarm_kind(reason: &str) -> &'static str {
 
 async fn status<S: Store>(State(d): State<Arc<Dashboard<S>>>) -> Json<Value> {
     let snap = d.health.snapshot();
-    let (keys, holder) = tokio::join!(d.store.blocked_keys(), d.store.leader_holder());
+    let (keys, holder) = tokio::join!(
+        quick(d.store.blocked_keys()),
+        quick(d.store.leader_holder())
+    );
     let metrics: serde_json::Map<String, Value> = gauges(&snap)
         .into_iter()
         .map(|(name, value)| (name.to_owned(), json!(value)))
@@ -100,7 +111,7 @@ async fn status<S: Store>(State(d): State<Arc<Dashboard<S>>>) -> Json<Value> {
         "status": snap.status,
         "role": if snap.leader { "leader" } else { "standby" },
         "replica_id": d.replica_id,
-        "leader_replica_id": holder.ok().flatten(),
+        "leader_replica_id": holder.flatten(),
         "database": d.database,
         "database_reachable": snap.database,
         "broker": {
@@ -111,7 +122,7 @@ async fn status<S: Store>(State(d): State<Arc<Dashboard<S>>>) -> Json<Value> {
         "alarm": alarm,
         "alarm_docs": ALARM_DOCS,
         "metrics": metrics,
-        "blocked_ordering_keys": keys.ok(),
+        "blocked_ordering_keys": keys,
         "admin": d.admin_token.is_some(),
         "dedup_window_seconds": d.dedup_window.as_secs(),
     }))
@@ -163,7 +174,7 @@ async fn page<S: Store>(State(d): State<Arc<Dashboard<S>>>) -> Html<String> {
         ("banner", banner),
         ("alarm_docs", ALARM_DOCS.into()),
     ]);
-    let dead = d.store.dead_page(0, 50).await.unwrap_or_default();
+    let dead = quick(d.store.dead_page(0, 50)).await.unwrap_or_default();
     let html = fill(PAGE, &values)
         .replace("<!--DEAD_ROWS-->", &dead_rows(&dead))
         .replace("/*STYLE*/", STYLE);

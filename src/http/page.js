@@ -54,14 +54,14 @@
     const svg = document.querySelector(`[data-chart="${name}"]`);
     const legend = svg.nextElementSibling;
     const width = 900, height = 100;
-    const max = Math.max(1e-9, ...series.flatMap((s) => s.values.filter((v) => v != null)));
+    const max = Math.max(0, ...series.flatMap((s) => s.values.filter((v) => v != null)));
     svg.replaceChildren();
     legend.replaceChildren();
     series.forEach((s, i) => {
       const line = document.createElementNS(SVG, "polyline");
       const points = [];
       s.values.forEach((v, x) => {
-        if (v != null) points.push(`${width - s.values.length + x},${(height - (v / max) * (height - 4)).toFixed(1)}`);
+        if (v != null) points.push(`${width - s.values.length + x},${(height - (v / (max || 1)) * (height - 4)).toFixed(1)}`);
       });
       line.setAttribute("points", points.join(" "));
       line.setAttribute("stroke", COLORS[i % COLORS.length]);
@@ -72,7 +72,7 @@
       const last = s.values.filter((v) => v != null).pop();
       legend.append(key, `${s.label}: ${last == null ? "-" : s.format(last)}`);
     });
-    if (top) legend.append(` (top ${series[0].format(max)})`);
+    if (top && max > 0) legend.append(` (top ${series[0].format(max)})`);
   }
 
   function showHistory(h) {
