@@ -2,7 +2,8 @@
 //! `common/browser.rs`), on PostgreSQL: its figures match `/metrics`, a chart grows as rows
 //! flow, a memory alarm shows as a banner and clears, a dead row is retried only with the
 //! token and then arrives, and data holding HTML is shown as text. Each test has its own
-//! database, queue, relay and browser.
+//! database, queue, relay and browser; the alarm, which blocks the whole broker, waits for
+//! the others to finish (see `BROKER`).
 
 mod common;
 
@@ -21,6 +22,10 @@ const METRICS: [&str; 7] = [
     "outbox_broker_blocked",
     "outbox_leader",
 ];
+
+/// The alarm test holds it exclusively; every other test shares it, so that none of them
+/// publishes while the broker is blocked.
+static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A ready relay on a database of its own, and a browser on its status page once the
 /// page's script has updated it.
@@ -73,6 +78,7 @@ async fn shown(browser: &Browser) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_numbers_shown_match_the_metrics() {
+    let _turn = BROKER.read().await;
     let env = [("OUTBOX_MAX_ATTEMPTS", "1")];
     let (db, queue, relay, browser) = open_page(&env).await;
     for seq in 0..20 {
@@ -105,6 +111,7 @@ async fn the_numbers_shown_match_the_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chart_gains_points_as_rows_flow() {
+    let _turn = BROKER.read().await;
     let (db, queue, _relay, browser) = open_page(&[]).await;
     // The x and y of each point of the published line, and whether p50 has a point.
     let read = || async {
@@ -153,6 +160,7 @@ async fn a_chart_gains_points_as_rows_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_alarm_shows_as_a_banner_and_clears() {
+    let _turn = BROKER.write().await;
     let (db, queue, relay, browser) = open_page(&[]).await;
     let hidden = || async {
         browser
@@ -191,6 +199,7 @@ async fn a_memory_alarm_shows_as_a_banner_and_clears() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_row_is_retried_from_the_page_only_with_the_token() {
+    let _turn = BROKER.read().await;
     let env = [
         ("OUTBOX_MAX_ATTEMPTS", "1"),
         ("OUTBOX_ADMIN_TOKEN", "s3cret"),
@@ -251,6 +260,7 @@ async fn a_dead_row_is_retried_from_the_page_only_with_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_holding_html_is_shown_as_text() {
+    let _turn = BROKER.read().await;
     let env = [("OUTBOX_MAX_ATTEMPTS", "1")];
     let (db, queue, relay, browser) = open_page(&env).await;
     let key = "<img src=x onerror=\"window.pwned=1\">";
