@@ -1216,7 +1216,7 @@ async fn live_latency(b: &Bench, server: &Server, rate: usize) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     shutdown.cancel();
-    relay.await?;
+    relay.await??;
     reader.abort();
     let committed = std::mem::take(&mut *committed.lock().expect("committed"));
     // The relay reports a confirm as its latency from the row's created_at; the recorder
@@ -1383,7 +1383,7 @@ impl BenchDb {
         amqp: &str,
         health: Arc<outbox::Health>,
         shutdown: tokio_util::sync::CancellationToken,
-    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    ) -> anyhow::Result<tokio::task::JoinHandle<outbox::Result<()>>> {
         let mut config = outbox::config::RelayConfig::new(vec![amqp.to_owned()]);
         config.http_addr = None;
         let opts = outbox::StoreOptions::new(Default::default());

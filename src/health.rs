@@ -34,6 +34,8 @@ pub struct Health {
     pending_seen: AtomicBool,
     /// Signalled when the broker becomes blocked or unblocked, so waits end at once.
     pub(crate) broker_changed: Notify,
+    /// Signalled by `POST /wake`: a service committed rows, the leader claims at once.
+    pub(crate) woken: Notify,
     /// The broker node of the last connection opened (URL redacted), for the status page.
     broker_node: Mutex<Option<String>>,
 }
@@ -75,6 +77,7 @@ impl Health {
             stats: Mutex::default(),
             pending_seen: AtomicBool::default(),
             broker_changed: Notify::default(),
+            woken: Notify::default(),
             broker_node: Mutex::default(),
         }
     }
@@ -82,6 +85,12 @@ impl Health {
     /// The leader made progress (a mark was written), or has nothing to do.
     pub fn progressed(&self) {
         *self.progress_at.lock().expect("health lock") = Instant::now();
+    }
+
+    /// A service committed rows: the leader looks for them now, not at its next poll
+    /// (`POST /wake`). Wakes that come while a claim runs count once.
+    pub fn wake(&self) {
+        self.woken.notify_one();
     }
 
     /// The relay's loop turned: it is not stuck in a wait.

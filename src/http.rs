@@ -1,5 +1,5 @@
-//! `/healthz`, `/readyz`, `/metrics` and the status page ([`dashboard`], with the dead rows'
-//! endpoints in `admin`), on `OUTBOX_HTTP_ADDR`.
+//! `/healthz`, `/readyz`, `/metrics`, `POST /wake` and the status page ([`dashboard`], with
+//! the dead rows' endpoints in `admin`), on `OUTBOX_HTTP_ADDR`.
 
 mod admin;
 pub mod dashboard;
@@ -12,7 +12,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +40,7 @@ pub async fn serve<S: Store>(
         .route("/healthz", get(alive))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/wake", post(wake))
         .with_state(Shared { health, prometheus })
         .merge(dashboard::router(dashboard));
     axum::serve(listener, app)
@@ -84,6 +85,12 @@ fn not_ready_reasons(snap: &crate::health::Snapshot) -> Vec<String> {
         reasons.push(format!("broker blocked publishing: {why}"));
     }
     reasons
+}
+
+/// A service nudges its sidecar after a commit: no body, nothing read, nothing to protect.
+async fn wake(State(s): State<Shared>) -> StatusCode {
+    s.health.wake();
+    StatusCode::NO_CONTENT
 }
 
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {

@@ -88,6 +88,44 @@ async fn a_lower_id_committed_after_higher_ids_were_published_arrives_within_the
     );
 }
 
+/// Without notifications a quiet relay finds a new row at its next poll, which backs off to
+/// OUTBOX_POLL_INTERVAL: after three quiet seconds the next is about two seconds away. A
+/// service that posts `/wake` after its commit has the row published at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_service_posts_wake_after_its_commit_is_published_at_once() {
+    let db = Db::new(Backend::Mysql).await;
+    let queue = TestQueue::new().await;
+    let relay = Relay::start(
+        &db.url,
+        &db.table,
+        &[
+            ("OUTBOX_POLL_INTERVAL", "10s"),
+            ("OUTBOX_LEADER_CHECK", "10s"),
+            ("OUTBOX_LEASE_TIMEOUT", "30s"),
+        ],
+    );
+    wait_leading(&relay).await;
+    let service = db.handle();
+    let mut took = Vec::new();
+    for round in 0..3 {
+        // The stimulus, not a wait for a condition: the relay idles, its polls back off.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let id = service
+            .insert(&queue.name, None, json!({"round": round}))
+            .await;
+        let committed = Instant::now();
+        assert_eq!(http_post(relay.http, "/wake").await.0, 204);
+        eventually(
+            "the row within 500 ms of its commit and wake",
+            Duration::from_millis(500),
+            || async { queue.received().iter().any(|m| m.message_id == id) },
+        )
+        .await;
+        took.push(committed.elapsed());
+    }
+    println!("commit + POST /wake to consumer, after 3 s quiet (checked every 50 ms): {took:?}");
+}
+
 /// Percentile `p` (0 to 1) of sorted `xs`.
 fn percentile(xs: &[Duration], p: f64) -> Duration {
     xs[((xs.len() - 1) as f64 * p).round() as usize]
@@ -195,4 +233,79 @@ async fn the_binary_takes_mariadb_urls() {
     let _relay = Relay::start(&url, &db.table, &[]);
     let m = queue.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(m[0].message_id, id);
+}
+
+/// A one-node Galera cluster of its own (`scripts/galera-node.sh`), stopped and deleted when
+/// dropped.
+struct GaleraNode {
+    dir: String,
+    port: u16,
+}
+
+impl GaleraNode {
+    fn start() -> Self {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/galera-node.sh");
+        let dir = std::env::temp_dir()
+            .join(unique("galera"))
+            .display()
+            .to_string();
+        let (port, gcomm) = (free_port(), free_port());
+        let started = std::process::Command::new(script)
+            .args(["start", &dir, &port.to_string(), &gcomm.to_string()])
+            .output()
+            .expect("scripts/galera-node.sh runs");
+        let node = GaleraNode { dir, port };
+        assert!(
+            started.status.success(),
+            "a Galera node did not start (scripts/services.sh installs galera-4): {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        node
+    }
+}
+
+impl Drop for GaleraNode {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/galera-node.sh");
+        let _ = std::process::Command::new(script)
+            .args(["stop", &self.dir])
+            .status();
+    }
+}
+
+/// On a Galera node MariaDB 10.11 grants `GET_LOCK` on that node alone (others refuse it):
+/// relays on two nodes would both lead. The relay exits 1 saying so in one line, and
+/// publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_on_a_galera_node_exits_saying_so_in_one_line() {
+    let node = GaleraNode::start();
+    let url = format!("mysql://root@127.0.0.1:{}/outbox", node.port);
+    let migrated = outbox_bin()
+        .arg("migrate")
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+
+    let mut relay = Relay::start(&url, &outbox::TableName::default(), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay still runs on a Galera node"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = relay.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let said: Vec<&str> = log.lines().filter(|l| l.contains("Galera")).collect();
+    assert_eq!(said.len(), 1, "one line names Galera: {log}");
+    assert!(
+        said[0].starts_with("outbox: unsupported database: this server is a Galera Cluster node"),
+        "{log}"
+    );
+    assert!(!log.contains("leading"), "{log}");
 }

@@ -284,12 +284,17 @@ fn relay(name: &'static str, store: impl Store, amqp: &str) -> Component {
     config.backoff_min = Duration::from_millis(100);
     config.backoff_max = Duration::from_secs(2);
     Component::start(name, move |stop| {
-        outbox::relay::run(
+        let run = outbox::relay::run(
             store.clone(),
             config.clone(),
             Arc::new(Health::default()),
             stop,
-        )
+        );
+        async move {
+            if let Err(e) = run.await {
+                tracing::error!(error = %e, "{name}: the relay cannot lead");
+            }
+        }
     })
 }
 

@@ -218,7 +218,7 @@ async fn relay(store: impl Store, config: Config) -> anyhow::Result<()> {
         None => None,
     };
     tracing::info!(table = %config.table, nodes = config.relay.amqp_urls.len(), database = %redact(&config.database_url), "relay starting");
-    outbox::relay::run(store, config.relay, health, shutdown.clone()).await;
+    let ran = outbox::relay::run(store, config.relay, health, shutdown.clone()).await;
     shutdown.cancel();
     if let Some(http) = http {
         // A client that holds its connection open does not hold the exit.
@@ -227,6 +227,7 @@ async fn relay(store: impl Store, config: Config) -> anyhow::Result<()> {
             Err(_) => tracing::warn!("HTTP connections still open at exit: dropped"),
         }
     }
+    ran?;
     tracing::info!("relay stopped");
     Ok(())
 }

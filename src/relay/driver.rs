@@ -133,6 +133,8 @@ impl<S: Store> Driver<S> {
                         self.core.committed(from);
                     }
                 }
+                // A service's nudge: the whole table, as a late commit may be below the floor.
+                _ = self.health.woken.notified() => self.core.committed(0),
                 Some(reason) = blocking(&mut self.blocked) => {
                     self.core.set_blocked(reason.is_some());
                     self.health.set_blocked(reason);

@@ -32,13 +32,14 @@ const PINGS_MISSED: u32 = 5;
 /// Runs the relay until `shutdown` is cancelled, then drains (see [`RelayConfig::shutdown_grace`]).
 ///
 /// A database or broker that is down is not an error: the relay retries and `health` says
-/// what is missing.
+/// what is missing. The one error returned is [`Error::Unsupported`](crate::Error::Unsupported):
+/// a database on which no relay could lead the table safely (a Galera node).
 pub async fn run<S: Store>(
     store: S,
     config: RelayConfig,
     health: Arc<Health>,
     shutdown: CancellationToken,
-) {
+) -> Result<()> {
     let figures = tokio::spawn(refresh_stats(
         store.clone(),
         health.clone(),
@@ -59,6 +60,10 @@ pub async fn run<S: Store>(
                 lead(&store, &config, &health, lease, term, &shutdown).await;
             }
             Ok(None) => tracing::debug!("another relay leads this table: standing by"),
+            Err(e @ crate::Error::Unsupported(_)) => {
+                figures.abort();
+                return Err(e);
+            }
             Err(e) => {
                 // The connection may be the broken part: the next attempt opens another.
                 lease = None;
@@ -74,6 +79,7 @@ pub async fn run<S: Store>(
         }
     }
     figures.abort();
+    Ok(())
 }
 
 /// One attempt to take the table's leadership on the lease connection (opened if need be):

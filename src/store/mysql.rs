@@ -41,8 +41,13 @@ const MIGRATIONS: &[Migration] = &[
 /// How long `outbox migrate` may take (altering a large table takes a while).
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
-/// MySQL's error for a feature a server refuses; Galera answers `GET_LOCK` with it.
+/// MySQL's error for a feature a server refuses; some Galera nodes answer `GET_LOCK` with it.
 const ER_NOT_SUPPORTED_YET: u16 = 1235;
+
+/// Why the relay cannot lead on Galera, in one line.
+const GALERA: &str = "this server is a Galera Cluster node (wsrep_on): GET_LOCK there is refused or \
+     held by one node only, so relays on two nodes could both lead; keep the outbox table on a \
+     server outside Galera";
 
 /// The outbox table on MySQL 8.0.13+ or MariaDB 10.6+.
 #[derive(Clone)]
@@ -334,18 +339,28 @@ impl Lease for MyLease {
     }
 }
 
-/// Galera refuses `GET_LOCK`: say so in one line rather than as a database error.
+/// A server refusing `GET_LOCK` is a Galera node: say so in one line, not as a database error.
 fn galera(e: sqlx::Error) -> Error {
     let refused = e
         .as_database_error()
         .and_then(|db| db.try_downcast_ref::<MySqlDatabaseError>())
         .is_some_and(|db| db.number() == ER_NOT_SUPPORTED_YET);
     if refused {
-        Error::Unsupported(
-            "this server refuses GET_LOCK (Galera Cluster with wsrep_on), which leadership needs: keep the outbox table on a server outside Galera",
-        )
+        Error::Unsupported(GALERA)
     } else {
         e.into()
+    }
+}
+
+/// Refuses a Galera node, where MariaDB grants `GET_LOCK` on the node asked alone: a relay
+/// on another node would get the same lock.
+async fn refuse_galera(conn: &mut MySqlConnection) -> Result<()> {
+    let wsrep: Option<(String, String)> = sqlx::query_as("SHOW GLOBAL VARIABLES LIKE 'wsrep_on'")
+        .fetch_optional(conn)
+        .await?;
+    match wsrep {
+        Some((_, on)) if on.eq_ignore_ascii_case("ON") => Err(Error::Unsupported(GALERA)),
+        _ => Ok(()),
     }
 }
 
@@ -379,11 +394,13 @@ impl Store for MyStore {
             )))
             .execute(&mut conn)
             .await?;
-            sqlx::query_scalar(self.sql.lock_name.clone())
+            refuse_galera(&mut conn).await?;
+            let name: String = sqlx::query_scalar(self.sql.lock_name.clone())
                 .fetch_one(&mut conn)
-                .await
+                .await?;
+            Ok::<_, Error>(name)
         };
-        let name: String = tokio::time::timeout(self.opts.query_timeout, setup)
+        let name = tokio::time::timeout(self.opts.query_timeout, setup)
             .await
             .map_err(|_| Error::Timeout(self.opts.query_timeout))??;
         Ok(MyLease {

@@ -317,6 +317,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, "GET", path, &[], "").await
 }
 
+/// A minimal HTTP POST without a body; (0, "") when nothing answers.
+pub async fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "POST", path, &[], "").await
+}
+
 /// A minimal HTTP/1.1 request with `headers` and `body`, on a connection of its own;
 /// (0, "") when nothing answers. The body is read by its `Content-Length` (chromedriver
 /// keeps connections open), else to the end.
