@@ -3,6 +3,7 @@
 
 mod admin;
 pub mod dashboard;
+mod page;
 
 pub use dashboard::Dashboard;
 

@@ -4,6 +4,7 @@
 //! one configured the endpoint answers 403 whatever is sent.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -15,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::dashboard::Dashboard;
 use crate::config::Secret;
-use crate::store::{Refusal, Store, plan_retry};
+use crate::store::{Refusal, RetryPlan, Store, plan_retry};
 
 /// The largest request body a mutating endpoint reads.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -84,15 +85,7 @@ async fn retry<S: Store>(
         return denied(code);
     }
     let request = body.0;
-    if request.all != request.message_ids.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "give message_ids or all, not both");
-    }
-    if let Some(bad) = request
-        .message_ids
-        .iter()
-        .find(|id| uuid::Uuid::parse_str(id).is_err())
-    {
-        let why = format!("{bad:?} is not a message id (a UUID)");
+    if let Err(why) = request.check() {
         return error(StatusCode::BAD_REQUEST, &why);
     }
     let ids = (!request.all).then_some(&request.message_ids[..]);
@@ -111,19 +104,41 @@ async fn retry<S: Store>(
         force = request.force,
         "dead rows retried from the status page"
     );
+    Json(json!({ "retried": retried, "refused": refusals(&plan, window) })).into_response()
+}
+
+impl RetryRequest {
+    /// Names rows one way (ids or all), and only message ids.
+    fn check(&self) -> Result<(), String> {
+        if self.all != self.message_ids.is_empty() {
+            return Err("give message_ids or all, not both".into());
+        }
+        match self
+            .message_ids
+            .iter()
+            .find(|id| uuid::Uuid::parse_str(id).is_err())
+        {
+            Some(bad) => Err(format!("{bad:?} is not a message id (a UUID)")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The refused rows, each with its reason and a sentence for the page.
+fn refusals(plan: &RetryPlan, window: Duration) -> Vec<Value> {
     let window = humantime::format_duration(window);
-    let refused: Vec<Value> = plan
-        .refused
-        .iter()
-        .map(|r| {
-            let detail = match r.reason {
-                Refusal::PastDedupWindow => format!("older than the deduplication window ({window}): consumers may no longer recognise it and could apply it twice; retry with force to send it anyway"),
-                Refusal::NotDead => "no dead row has this message id".to_owned(),
-            };
-            json!({"message_id": r.message_id, "reason": r.reason, "detail": detail})
-        })
-        .collect();
-    Json(json!({ "retried": retried, "refused": refused })).into_response()
+    let detail = |reason| match reason {
+        Refusal::PastDedupWindow => format!(
+            "older than the deduplication window ({window}): consumers may no longer recognise it and could apply it twice; retry with force to send it anyway"
+        ),
+        Refusal::NotDead => "no dead row has this message id".to_owned(),
+    };
+    let refused = plan.refused.iter();
+    refused
+        .map(
+            |r| json!({"message_id": r.message_id, "reason": r.reason, "detail": detail(r.reason)}),
+        )
+        .collect()
 }
 
 /// 403 when no token is configured, 401 unless `Authorization: Bearer <token>` matches.

@@ -1,9 +1,7 @@
-//! The status page at `GET /`: one self-contained page (HTML, CSS and JavaScript embedded
-//! in the binary, nothing fetched from elsewhere) that renders the current figures on the
-//! server and then updates itself every second from `GET /api/status` and
-//! `GET /api/history`. The operations guide is served beside it, for the alarm banner's link.
+//! The status page's routes and its JSON: `GET /` (rendered in `page`), `GET /api/status`
+//! and `GET /api/history`, which the page reads every second, and the operations guide,
+//! served for the alarm banner's link.
 
-use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,23 +9,17 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::http::header;
-use axum::response::{Html, IntoResponse};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use serde_json::{Value, json};
 
 use crate::config::Secret;
 use crate::health::Snapshot;
 use crate::history::{History, Sample};
-use crate::store::{DeadRow, Store};
+use crate::store::Store;
 use crate::tally::REASONS;
 use crate::{Health, metrics as m};
 
-/// The page; `{{name}}` marks a value filled in (escaped) by [`page`].
-const PAGE: &str = include_str!("page.html");
-/// Its style sheet, inlined in place of `/*STYLE*/`.
-const STYLE: &str = include_str!("page.css");
-/// Its script, inlined in place of `/*SCRIPT*/`.
-const SCRIPT: &str = include_str!("page.js");
 /// The operations guide, which the alarm banner links to.
 const OPERATIONS: &str = include_str!("../../docs/operations.md");
 /// How long the page waits for the database before answering without what it asked.
@@ -56,7 +48,7 @@ pub struct Dashboard<S> {
 /// The page's routes: `/`, `/api/status`, `/api/history`, the dead rows and the guide.
 pub fn router<S: Store>(dashboard: Dashboard<S>) -> Router {
     Router::new()
-        .route("/", get(page::<S>))
+        .route("/", get(super::page::page::<S>))
         .route("/api/status", get(status::<S>))
         .route("/api/history", get(history::<S>))
         .route("/docs/operations.md", get(operations))
@@ -65,7 +57,7 @@ pub fn router<S: Store>(dashboard: Dashboard<S>) -> Router {
 }
 
 /// The gauges of the contract and the published count, as `/metrics` has them now.
-fn gauges(snap: &Snapshot) -> [(&'static str, f64); 7] {
+pub(super) fn gauges(snap: &Snapshot) -> [(&'static str, f64); 7] {
     let flag = |b: bool| f64::from(u8::from(b));
     [
         (m::PENDING, snap.stats.pending as f64),
@@ -80,12 +72,12 @@ fn gauges(snap: &Snapshot) -> [(&'static str, f64); 7] {
 
 /// What `read` found, unless it failed or the database took over [`DB_WAIT`]: the page
 /// answers without it rather than hang while the database is down.
-async fn quick<T>(read: impl Future<Output = crate::Result<T>>) -> Option<T> {
+pub(super) async fn quick<T>(read: impl Future<Output = crate::Result<T>>) -> Option<T> {
     tokio::time::timeout(DB_WAIT, read).await.ok()?.ok()
 }
 
 /// Which alarm a blocking reason names.
-fn alarm_kind(reason: &str) -> &'static str {
+pub(super) fn alarm_kind(reason: &str) -> &'static str {
     match reason {
         r if r.contains("memory") => "memory",
         r if r.contains("disk") => "disk",
@@ -149,107 +141,9 @@ async fn history<S: Store>(State(d): State<Arc<Dashboard<S>>>) -> Json<Value> {
     }))
 }
 
-/// The page with the current figures written in, so that it reads right before its script
-/// runs (and without one).
-async fn page<S: Store>(State(d): State<Arc<Dashboard<S>>>) -> Html<String> {
-    let snap = d.health.snapshot();
-    let banner = match d.history.note_blocked(snap.broker_blocked.clone()) {
-        Some(a) => format!("{} alarm: {}", alarm_kind(&a.reason), a.reason),
-        None => String::new(),
-    };
-    let mut values: Vec<(&str, String)> = gauges(&snap)
-        .into_iter()
-        .map(|(name, value)| (name, value.to_string()))
-        .collect();
-    values.extend([
-        (
-            "role",
-            if snap.leader { "leader" } else { "standby" }.into(),
-        ),
-        ("replica_id", d.replica_id.clone()),
-        (
-            "hidden",
-            if banner.is_empty() { "hidden" } else { "" }.into(),
-        ),
-        ("banner", banner),
-        ("alarm_docs", ALARM_DOCS.into()),
-    ]);
-    let dead = quick(d.store.dead_page(0, 50)).await.unwrap_or_default();
-    let html = fill(PAGE, &values)
-        .replace("<!--DEAD_ROWS-->", &dead_rows(&dead))
-        .replace("/*STYLE*/", STYLE);
-    Html(html.replace("/*SCRIPT*/", SCRIPT))
-}
-
-/// The first page of dead rows as table rows, until the script takes over.
-fn dead_rows(rows: &[DeadRow]) -> String {
-    let mut html = String::new();
-    for r in rows {
-        let cells = [
-            r.ordering_key.clone().unwrap_or_else(|| "-".into()),
-            format!("{} / {}", r.exchange, r.routing_key),
-            r.attempts.to_string(),
-            r.last_error.clone().unwrap_or_default(),
-            format!("{:.0}s", r.age_seconds),
-        ];
-        let id = escape(&r.message_id);
-        let _ = write!(html, "<tr data-message-id=\"{id}\"><td></td><td>{id}</td>");
-        for cell in cells {
-            let _ = write!(html, "<td>{}</td>", escape(&cell));
-        }
-        html.push_str("</tr>\n");
-    }
-    html
-}
-
-/// `template` with each `{{name}}` of `values` replaced by its value, escaped, in one pass
-/// (a value is never read as a placeholder).
-fn fill(template: &str, values: &[(&str, String)]) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(open) = rest.find("{{") {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 2..];
-        let Some(close) = after.find("}}") else {
-            rest = &rest[open..];
-            break;
-        };
-        match values.iter().find(|(name, _)| *name == &after[..close]) {
-            Some((_, value)) => out.push_str(&escape(value)),
-            None => out.push_str(&rest[open..open + close + 4]),
-        }
-        rest = &after[close + 2..];
-    }
-    out.push_str(rest);
-    out
-}
-
 async fn operations() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         OPERATIONS,
     )
-}
-
-/// Text made safe for HTML content and attribute values.
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fill_escapes_values_and_reads_them_once() {
-        let values = [("a", "<b>{{b}}</b>".to_owned()), ("b", "x\"y".to_owned())];
-        assert_eq!(
-            fill("[{{a}}|{{b}}|{{c}}]", &values),
-            "[&lt;b&gt;{{b}}&lt;/b&gt;|x&quot;y|{{c}}]"
-        );
-    }
 }
