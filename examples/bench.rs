@@ -900,7 +900,11 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
     let start_relay = || {
         let endpoint = otlp.map(|addr| format!("http://{addr}"));
         let mut env = vec![("OUTBOX_RETENTION", retention)];
-        env.extend(endpoint.as_deref().map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e)));
+        env.extend(
+            endpoint
+                .as_deref()
+                .map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e)),
+        );
         RelayProcess::start(&b.relay_bin, &db.url, &b.amqp, &env)
     };
     let (relay, committed) = match arrival {
@@ -1006,10 +1010,14 @@ async fn telemetry_cost(b: &Bench, server: &Server, report: &mut Report) -> anyh
     let server_task = tokio::spawn(async move { axum::serve(sink, app).await });
     let rows = b.args.rows.min(20_000);
     for otlp in [None, Some(sink_addr)] {
-        let drain = backlog_drain(b, server, Backlog {
-            otlp,
-            ..Backlog::new(QueueKind::Classic, rows)
-        })
+        let drain = backlog_drain(
+            b,
+            server,
+            Backlog {
+                otlp,
+                ..Backlog::new(QueueKind::Classic, rows)
+            },
+        )
         .await?;
         let endpoint = otlp.map(|addr| format!("http://{addr}"));
         let env: Vec<(&str, &str)> = endpoint

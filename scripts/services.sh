@@ -2,7 +2,9 @@
 # Installs (Debian packages) and starts what outbox's tests and demo need, where missing:
 # PostgreSQL on 127.0.0.1:5432 (user postgres, trust on loopback), MariaDB on 127.0.0.1:3306
 # (root without a password; galera-4 beside it, for scripts/galera-node.sh) and RabbitMQ on
-# 127.0.0.1:5672 (guest/guest). Safe to run again: it only acts on what is absent or down.
+# 127.0.0.1:5672 (guest/guest), and headless Chromium with its WebDriver (/usr/bin/chromium,
+# /usr/bin/chromedriver) for the status page's browser tests. Safe to run again: it only acts
+# on what is absent or down.
 set -euo pipefail
 
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -18,6 +20,8 @@ command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server mariadb-client)
 # A one-node Galera cluster for the test that the relay refuses it (scripts/galera-node.sh).
 [ -f /usr/lib/galera/libgalera_smm.so ] || missing+=(galera-4)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   apt-get update -qq

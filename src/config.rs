@@ -27,6 +27,9 @@ pub struct Config {
     pub query_timeout: Duration,
     /// `OUTBOX_LOG_FORMAT`: `text` (the default, for people) or `json` (one object a line).
     pub log_format: LogFormat,
+    /// `OUTBOX_REPLICA_ID`: this relay's name on the status page and in `<table>_leader`
+    /// (default: host name and pid).
+    pub replica_id: String,
     /// The relay's own settings.
     pub relay: RelayConfig,
 }
@@ -78,6 +81,31 @@ pub struct RelayConfig {
     /// `OUTBOX_STALL_TIMEOUT`: `/healthz` fails when the leader has held pending rows this
     /// long without progress while the broker does not block it (default 5m).
     pub stall_timeout: Duration,
+    /// `OUTBOX_ADMIN_TOKEN` (or `OUTBOX_ADMIN_TOKEN_FILE`): the bearer token of the mutating
+    /// HTTP endpoints; `None` leaves the HTTP side read-only.
+    pub admin_token: Option<Secret>,
+}
+
+/// A value never printed: `Debug` shows `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself, for comparison; never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 impl RelayConfig {
@@ -100,6 +128,7 @@ impl RelayConfig {
             leader_check: Duration::from_secs(1),
             lease_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(300),
+            admin_token: None,
         }
     }
 
@@ -137,6 +166,7 @@ impl Config {
             "json" => Ok(LogFormat::Json),
             _ => Err(format!("expected text or json, got {s:?}")),
         });
+        let replica_id = r.replica_id();
         let d = RelayConfig::new(Vec::new());
         let relay = RelayConfig {
             amqp_urls: r.amqp_urls(needs_broker),
@@ -161,6 +191,7 @@ impl Config {
             leader_check: r.duration("OUTBOX_LEADER_CHECK", d.leader_check),
             lease_timeout: r.duration("OUTBOX_LEASE_TIMEOUT", d.lease_timeout),
             stall_timeout: r.duration("OUTBOX_STALL_TIMEOUT", d.stall_timeout),
+            admin_token: r.admin_token(),
         };
         for (name, d) in [
             ("OUTBOX_POLL_INTERVAL", relay.poll_interval),
@@ -191,6 +222,7 @@ impl Config {
                 dedup_window,
                 query_timeout,
                 log_format,
+                replica_id,
                 relay,
             }),
             false => Err(r.errors),
@@ -206,6 +238,7 @@ impl Config {
             query_timeout: self.query_timeout,
             connect_timeout: self.relay.connect_timeout,
             lease_timeout: self.relay.lease_timeout,
+            holder: self.replica_id.clone(),
             ..StoreOptions::new(self.table.clone())
         }
     }
@@ -267,6 +300,44 @@ impl Reader<'_> {
                 String::new()
             }
         }
+    }
+
+    /// `OUTBOX_REPLICA_ID`, or the host name and pid; at most 255 bytes (MySQL's column).
+    fn replica_id(&mut self) -> String {
+        let default = crate::store::holder();
+        self.parse("OUTBOX_REPLICA_ID", default.clone(), |s| match s.len() {
+            0 => Ok(default.clone()),
+            1..=255 => Ok(s.to_owned()),
+            _ => Err("at most 255 bytes".into()),
+        })
+    }
+
+    /// `OUTBOX_ADMIN_TOKEN` or the content of `OUTBOX_ADMIN_TOKEN_FILE` (trailing newline
+    /// trimmed); never echoed.
+    fn admin_token(&mut self) -> Option<Secret> {
+        let (name, file) = ("OUTBOX_ADMIN_TOKEN", "OUTBOX_ADMIN_TOKEN_FILE");
+        let token = match ((self.var)(name), (self.var)(file)) {
+            (Some(_), Some(_)) => {
+                self.errors
+                    .push(format!("{name}: set it or {file}, not both"));
+                return None;
+            }
+            (Some(token), None) => token,
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(text) => text.trim_end_matches(['\r', '\n']).to_owned(),
+                Err(e) => {
+                    self.errors
+                        .push(format!("{file}: cannot read {path:?} ({e})"));
+                    return None;
+                }
+            },
+            (None, None) => return None,
+        };
+        if token.trim().is_empty() {
+            self.errors.push(format!("{name}: must not be empty"));
+            return None;
+        }
+        Some(Secret(token))
     }
 
     fn amqp_urls(&mut self, required: bool) -> Vec<String> {
@@ -383,6 +454,38 @@ mod tests {
         assert_eq!(c.relay.max_attempts, 10);
         assert!(read(&[("DATABASE_URL", "postgres://h/db")], true).is_err());
         assert!(read(&[("DATABASE_URL", "postgres://h/db")], false).is_ok());
+    }
+
+    #[test]
+    fn admin_token_and_replica_id() {
+        let base = [("DATABASE_URL", "postgres://h/db")];
+        let c = read(&base, false).unwrap();
+        assert!(c.relay.admin_token.is_none());
+        assert!(c.replica_id.contains("pid"), "{}", c.replica_id);
+        let c = read(
+            &[
+                base[0],
+                ("OUTBOX_ADMIN_TOKEN", "s3cret"),
+                ("OUTBOX_REPLICA_ID", "relay-a"),
+            ],
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.relay.admin_token.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(c.replica_id, "relay-a");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let path = std::env::temp_dir().join(format!("token-{}", std::process::id()));
+        std::fs::write(&path, "from-file\n").unwrap();
+        let file = path.to_str().unwrap();
+        let c = read(&[base[0], ("OUTBOX_ADMIN_TOKEN_FILE", file)], false).unwrap();
+        assert_eq!(c.relay.admin_token.unwrap().expose(), "from-file");
+        let both = [
+            base[0],
+            ("OUTBOX_ADMIN_TOKEN", "x"),
+            ("OUTBOX_ADMIN_TOKEN_FILE", file),
+        ];
+        assert_eq!(read(&both, false).unwrap_err().len(), 1);
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct Health {
     pub(crate) broker_changed: Notify,
     /// Signalled by `POST /wake`: a service committed rows, the leader claims at once.
     pub(crate) woken: Notify,
+    /// The broker node of the last connection opened (URL redacted), for the status page.
+    broker_node: Mutex<Option<String>>,
 }
 
 /// A snapshot for `/readyz` and the status page.
@@ -76,6 +78,7 @@ impl Health {
             pending_seen: AtomicBool::default(),
             broker_changed: Notify::default(),
             woken: Notify::default(),
+            broker_node: Mutex::default(),
         }
     }
 
@@ -196,6 +199,16 @@ impl Health {
     /// Whether the leader's last look saw pending rows.
     pub fn pending_seen(&self) -> bool {
         self.pending_seen.load(Ordering::Relaxed)
+    }
+
+    /// Records the node of the connection just opened (its URL redacted).
+    pub fn set_broker_node(&self, node: String) {
+        *self.broker_node.lock().expect("health lock") = Some(node);
+    }
+
+    /// The node of the last connection opened, if any.
+    pub fn broker_node(&self) -> Option<String> {
+        self.broker_node.lock().expect("health lock").clone()
     }
 
     /// The state as `/readyz` judges it.

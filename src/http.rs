@@ -1,17 +1,24 @@
-//! `/healthz`, `/readyz`, `/metrics`, a status page and `POST /wake`, on `OUTBOX_HTTP_ADDR`.
+//! `/healthz`, `/readyz`, `/metrics`, `POST /wake` and the status page ([`dashboard`], with
+//! the dead rows' endpoints in `admin`), on `OUTBOX_HTTP_ADDR`.
+
+mod admin;
+pub mod dashboard;
+mod page;
+
+pub use dashboard::Dashboard;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::Health;
+use crate::{Health, Store};
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -23,19 +30,20 @@ struct Shared {
 }
 
 /// Serves the endpoints on `listener` until `shutdown`.
-pub async fn serve(
+pub async fn serve<S: Store>(
     listener: TcpListener,
     health: Arc<Health>,
     prometheus: PrometheusHandle,
+    dashboard: Dashboard<S>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
-        .route("/", get(page))
         .route("/healthz", get(alive))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/wake", post(wake))
-        .with_state(Shared { health, prometheus });
+        .with_state(Shared { health, prometheus })
+        .merge(dashboard::router(dashboard));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -91,49 +99,4 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.prometheus.render(),
     )
-}
-
-async fn page(State(s): State<Shared>) -> Html<String> {
-    let snap = s.health.snapshot();
-    let yes_no = |b: bool| if b { "yes" } else { "no" };
-    let reasons = not_ready_reasons(&snap).join("; ");
-    let rows = [
-        ("status", snap.status.to_owned()),
-        (
-            "why not ready",
-            if reasons.is_empty() {
-                "-".into()
-            } else {
-                reasons
-            },
-        ),
-        ("leader", yes_no(snap.leader).into()),
-        ("database reachable", yes_no(snap.database).into()),
-        ("broker connected", yes_no(snap.broker_connected).into()),
-        (
-            "broker blocked",
-            snap.broker_blocked.clone().unwrap_or_else(|| "no".into()),
-        ),
-        ("pending messages", snap.stats.pending.to_string()),
-        (
-            "oldest pending age (s)",
-            format!("{:.1}", snap.stats.oldest_pending_age_seconds),
-        ),
-        ("dead messages", snap.stats.dead.to_string()),
-    ];
-    let body: String = rows
-        .iter()
-        .map(|(k, v)| format!("<tr><th>{k}</th><td>{}</td></tr>\n", escape(v)))
-        .collect();
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
-         <title>outbox relay</title></head><body><h1>outbox relay</h1><table>\n{body}</table>\
-         <p><a href=\"/metrics\">metrics</a> · <a href=\"/readyz\">readyz</a></p></body></html>"
-    ))
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }

@@ -26,7 +26,8 @@
 //! - [`relay`]: leadership and the claim -> publish -> mark loop.
 //! - [`inbox`]: consuming with exactly-once effects (the consumer inbox).
 //! - [`config`]: the environment, read in one place.
-//! - [`http`], [`health`], [`metrics`]: what operators see; [`telemetry`]: traces (OTLP).
+//! - [`http`], [`health`], [`metrics`]: what operators see; [`history`] and [`tally`] feed
+//!   the status page's charts; [`telemetry`]: traces (OTLP).
 //!
 //! ## Quick start
 //!
@@ -49,6 +50,7 @@ pub mod broker;
 pub mod config;
 mod error;
 pub mod health;
+pub mod history;
 pub mod http;
 pub mod inbox;
 pub mod message;
@@ -56,6 +58,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod relay;
 pub mod store;
+pub mod tally;
 pub mod telemetry;
 
 pub use error::{Error, Result};

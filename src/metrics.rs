@@ -28,6 +28,24 @@ pub const INBOX_HANDLER_FAILURES: &str = "outbox_inbox_handler_failures_total";
 /// Inbox: messages sent to the dead-letter queue, by `consumer`.
 pub const INBOX_DEAD_LETTERED: &str = "outbox_inbox_dead_lettered_total";
 
+/// Counts `n` rows confirmed and marked sent.
+pub(crate) fn record_published(n: u64) {
+    metrics::counter!(PUBLISHED).increment(n);
+    crate::tally::published(n);
+}
+
+/// Counts `n` failed attempts for `reason`.
+pub(crate) fn record_failures(reason: &'static str, n: u64) {
+    metrics::counter!(PUBLISH_FAILURES, "reason" => reason).increment(n);
+    crate::tally::failed(reason, n);
+}
+
+/// Records one row's creation-to-confirm latency.
+pub(crate) fn record_latency(seconds: f64) {
+    metrics::histogram!(PUBLISH_LATENCY).record(seconds);
+    crate::tally::latency(seconds);
+}
+
 /// Registers every metric with its help text and sets the gauges to zero, so that
 /// `/metrics` lists them all from the start.
 pub fn describe() {

@@ -9,52 +9,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("rabbitmqctl could not run ({e}): these tests need it on PATH, as root")
-        });
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// Restores the memory watermark and disk limit read at creation, whatever happens.
-struct BrokerSettings {
-    watermark: String,
-    disk_limit: String,
-}
-
-impl BrokerSettings {
-    fn save() -> Self {
-        BrokerSettings {
-            watermark: rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]),
-            disk_limit: rabbitmqctl(&["eval", "rabbit_disk_monitor:get_disk_free_limit()."]),
-        }
-    }
-
-    fn restore(&self) {
-        rabbitmqctl(&["set_vm_memory_high_watermark", &self.watermark]);
-        rabbitmqctl(&["set_disk_free_limit", &self.disk_limit]);
-    }
-}
-
-impl Drop for BrokerSettings {
-    fn drop(&mut self) {
-        self.restore();
-    }
-}
 
 /// Applies each message by counting it.
 #[derive(Clone)]
@@ -224,9 +182,12 @@ on_both_backends! {
                 body.contains("broker blocked publishing") && body.contains(resource),
                 "{body}"
             );
-            assert!(
-                relay.get("/").await.1.contains(resource),
-                "status page does not show the alarm"
+            let (_, status) = relay.get("/api/status").await;
+            let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+            assert_eq!(
+                status["alarm"]["kind"],
+                json!(resource),
+                "status page does not show the alarm: {status}"
             );
 
             // An inbox consumer, on its own connections, drains its queue during the alarm.

@@ -238,10 +238,12 @@ async fn relay(store: impl Store, config: Config) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("OUTBOX_HTTP_ADDR: cannot listen on {addr}"))?;
             tracing::info!(%addr, "HTTP endpoints listening");
+            let dashboard = dashboard(&store, &config, &health, &shutdown);
             Some(tokio::spawn(outbox::http::serve(
                 listener,
                 health.clone(),
                 prometheus,
+                dashboard,
                 shutdown.clone(),
             )))
         }
@@ -262,6 +264,30 @@ async fn relay(store: impl Store, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The status page's view of the relay, with its sampler running until `shutdown`.
+fn dashboard<S: Store>(
+    store: &S,
+    config: &Config,
+    health: &Arc<Health>,
+    shutdown: &CancellationToken,
+) -> outbox::http::Dashboard<S> {
+    let history = Arc::new(outbox::history::History::default());
+    tokio::spawn(outbox::history::sample(
+        history.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    outbox::http::Dashboard {
+        store: store.clone(),
+        health: health.clone(),
+        history,
+        replica_id: config.replica_id.clone(),
+        database: redact(&config.database_url),
+        admin_token: config.relay.admin_token.clone(),
+        dedup_window: config.dedup_window,
+    }
+}
+
 async fn stop_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -273,22 +299,18 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// A dead row older than the consumers' deduplication window may already have been applied
-/// (published, then failed to be marked): retrying it could apply it twice.
+/// Refuses the whole retry when a requested row is older than the consumers' deduplication
+/// window (see [`outbox::store::plan_retry`]).
 async fn refuse_rows_past_dedup_window(
     store: &impl Store,
     all: bool,
     ids: &[String],
     window: Duration,
 ) -> anyhow::Result<()> {
-    let old: Vec<String> = store
-        .dead_list()
+    let plan = outbox::store::plan_retry(store, (!all).then_some(ids), false, window)
         .await
-        .context("reading the outbox table")?
-        .into_iter()
-        .filter(|r| (all || ids.contains(&r.message_id)) && r.age_seconds > window.as_secs_f64())
-        .map(|r| r.message_id)
-        .collect();
+        .context("reading the outbox table")?;
+    let old = plan.refused_for(outbox::store::Refusal::PastDedupWindow);
     if !old.is_empty() {
         bail!(
             "{} dead row(s) are older than the inbox deduplication window ({}), so consumers may no longer recognise them and could apply them twice: {}. Re-run with --force to retry them anyway",

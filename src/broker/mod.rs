@@ -157,6 +157,8 @@ pub struct Publisher {
     known_exchanges: std::sync::Mutex<HashSet<String>>,
     /// The broker's reason for blocking this connection (`None` = not blocked).
     blocked: watch::Receiver<Option<String>>,
+    /// The node's URL, redacted.
+    node: String,
 }
 
 impl Publisher {
@@ -174,7 +176,13 @@ impl Publisher {
             check: Mutex::new(None),
             known_exchanges: Default::default(),
             blocked,
+            node: crate::config::redact(url),
         }))
+    }
+
+    /// The node this connection is to (its URL, redacted).
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// Follows the broker's blocking of this connection: its reason, or `None`.

@@ -207,6 +207,7 @@ impl<S: Store> Driver<S> {
                     self.reports_tx.clone(),
                 );
                 self.blocked = Some(publisher.blocked());
+                self.health.set_broker_node(publisher.node().to_owned());
                 self.publishers.insert(conn, (publisher, pipeline));
                 self.health.set_blocked(None);
                 self.health.set_broker_connected(true);

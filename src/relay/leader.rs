@@ -288,8 +288,7 @@ impl Leader {
             return;
         }
         let unconfirmed = self.rows.unconfirmed();
-        metrics::counter!(m::PUBLISH_FAILURES, "reason" => reason.reason())
-            .increment(unconfirmed as u64);
+        m::record_failures(reason.reason(), unconfirmed as u64);
         tracing::warn!(%reason, unconfirmed, "broker connection given up: publishing again on a new one");
         self.give_up(now, conn);
     }
@@ -391,7 +390,7 @@ impl Leader {
             return;
         }
         let mark = self.marks.written();
-        metrics::counter!(m::PUBLISHED).increment(mark.sent.len() as u64);
+        m::record_published(mark.sent.len() as u64);
         self.rows.marked(&mark.sent, &mark.failed);
         if let Some(id) = mark.released {
             self.floor = self.floor.min(id);
@@ -430,7 +429,7 @@ impl Leader {
             Ok(()) => return self.confirmed(now, row),
             Err(error) => error,
         };
-        metrics::counter!(m::PUBLISH_FAILURES, "reason" => error.reason()).increment(1);
+        m::record_failures(error.reason(), 1);
         let nacked = error == PublishError::Nack;
         self.fail(now, &row, error);
         if nacked {
@@ -463,7 +462,7 @@ impl Leader {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64();
-        metrics::histogram!(m::PUBLISH_LATENCY).record((epoch - row.created_at).max(0.0));
+        m::record_latency((epoch - row.created_at).max(0.0));
         self.marks.sent(now, row.id, row.attempts > 0);
         self.rows.confirmed(&row);
     }

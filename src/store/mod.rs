@@ -21,8 +21,11 @@ pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 
+mod dead_retry;
 mod deadline;
 mod migrate;
+
+pub use dead_retry::{Refusal, Refused, RetryPlan, plan_retry};
 
 pub(crate) use deadline::{pool_options, within};
 
@@ -47,6 +50,9 @@ pub struct StoreOptions {
     /// The database ends the lease session after this long without a word from it, which
     /// releases leadership (`OUTBOX_LEASE_TIMEOUT`).
     pub lease_timeout: Duration,
+    /// Who this relay is, written into `<table>_leader` when it takes the leadership, so
+    /// that standbys can name the leader (`OUTBOX_REPLICA_ID`; default host and pid).
+    pub holder: String,
 }
 
 impl StoreOptions {
@@ -59,6 +65,7 @@ impl StoreOptions {
             query_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             lease_timeout: Duration::from_secs(10),
+            holder: holder(),
         }
     }
 }
@@ -110,7 +117,7 @@ pub struct Lookout {
     pub dead: i64,
 }
 
-/// A dead row as `outbox dead list` shows it.
+/// A dead row as `outbox dead list` and the status page show it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct DeadRow {
     /// The AMQP message id.
@@ -241,6 +248,17 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// The dead rows, oldest first.
     fn dead_list(&self) -> impl Future<Output = Result<Vec<DeadRow>>> + Send;
+
+    /// At most `limit` dead rows, oldest first, after skipping `offset` of them.
+    fn dead_page(
+        &self,
+        offset: u64,
+        limit: u64,
+    ) -> impl Future<Output = Result<Vec<DeadRow>>> + Send;
+
+    /// Who took the table's leadership last, as `<table>_leader` records it (`None` before
+    /// any relay has led). The holder may have died since: the lock, not this, is the truth.
+    fn leader_holder(&self) -> impl Future<Output = Result<Option<String>>> + Send;
 
     /// Puts dead rows (all, or those with these message ids) back to pending with their
     /// attempts reset; returns how many.

@@ -19,8 +19,8 @@ use sqlx::{AssertSqlSafe, Connection, FromRow, SqlStr};
 use super::deadline::Work;
 use super::migrate::{Migration, history_table, render};
 use super::{
-    DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions, holder, pool_options,
-    stmt, within,
+    DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions, pool_options, stmt,
+    within,
 };
 use crate::message::OutboxRow;
 use crate::{Error, Result, TableName};
@@ -76,6 +76,8 @@ struct Statements {
     blocked_keys: SqlStr,
     purge: SqlStr,
     dead_list: SqlStr,
+    dead_page: SqlStr,
+    holder: SqlStr,
     dead_retry_all: SqlStr,
     dead_retry_one: SqlStr,
 }
@@ -96,6 +98,11 @@ impl Statements {
             )
         };
         let age = format!("(UNIX_TIMESTAMP(NOW(6)) - {})", epoch("created_at"));
+        let dead_list = format!(
+            "SELECT message_id, ordering_key, attempts, last_error, exchange, routing_key,
+                    {age} AS age_seconds
+             FROM {t} WHERE state = 'dead' ORDER BY id"
+        );
         Statements {
             // The ordering check reads the index of blocking rows of the key (normally
             // empty); the planner, which sees few such rows, would rather read them all.
@@ -173,11 +180,9 @@ impl Statements {
                    AND sent_at < NOW(6) - INTERVAL ? MICROSECOND
                  ORDER BY id LIMIT ?"
             )),
-            dead_list: stmt(format!(
-                "SELECT message_id, ordering_key, attempts, last_error, exchange, routing_key,
-                        {age} AS age_seconds
-                 FROM {t} WHERE state = 'dead' ORDER BY id"
-            )),
+            dead_page: stmt(format!("{dead_list} LIMIT ? OFFSET ?")),
+            dead_list: stmt(dead_list),
+            holder: stmt(format!("SELECT holder FROM {t}_leader WHERE singleton = 1")),
             dead_retry_all: stmt(format!(
                 "UPDATE {t} SET state = 'pending', attempts = 0, next_attempt_at = NOW(6)
                  WHERE state = 'dead'"
@@ -292,6 +297,8 @@ pub struct MyLease {
     name: String,
     /// The statements, for the look at the table.
     sql: Arc<Statements>,
+    /// Who this relay is, recorded when it takes the leadership.
+    holder: String,
 }
 
 impl Lease for MyLease {
@@ -305,7 +312,7 @@ impl Lease for MyLease {
             return Ok(None);
         }
         sqlx::query(self.sql.raise_term.clone())
-            .bind(holder())
+            .bind(&self.holder)
             .execute(&mut self.conn)
             .await?;
         let term = sqlx::query_scalar(self.sql.term.clone())
@@ -400,6 +407,7 @@ impl Store for MyStore {
             conn,
             name,
             sql: self.sql.clone(),
+            holder: self.opts.holder.clone(),
         })
     }
 
@@ -516,6 +524,21 @@ impl Store for MyStore {
         let sql = self.sql.dead_list.clone();
         self.within(|conn| Box::pin(sqlx::query_as(sql).fetch_all(conn)))
             .await
+    }
+
+    async fn dead_page(&self, offset: u64, limit: u64) -> Result<Vec<DeadRow>> {
+        let sql = self.sql.dead_page.clone();
+        self.within(move |conn| {
+            Box::pin(sqlx::query_as(sql).bind(limit).bind(offset).fetch_all(conn))
+        })
+        .await
+    }
+
+    async fn leader_holder(&self) -> Result<Option<String>> {
+        let sql = self.sql.holder.clone();
+        self.within(|conn| Box::pin(sqlx::query_scalar(sql).fetch_optional(conn)))
+            .await
+            .map(Option::flatten)
     }
 
     async fn dead_retry(&self, message_ids: Option<&[String]>) -> Result<u64> {

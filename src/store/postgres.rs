@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::deadline::Work;
 use super::migrate::{Migration, history_table, render};
 use super::{
-    DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions, holder, pool_options,
-    stmt, within,
+    DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions, pool_options, stmt,
+    within,
 };
 use crate::message::OutboxRow;
 use crate::{Result, TableName};
@@ -67,6 +67,8 @@ struct Statements {
     blocked_keys: SqlStr,
     purge: SqlStr,
     dead_list: SqlStr,
+    dead_page: SqlStr,
+    holder: SqlStr,
     dead_retry: SqlStr,
 }
 
@@ -85,6 +87,12 @@ impl Statements {
                  WHERE id = ANY($1) AND state = 'pending' AND EXISTS (SELECT 1 FROM fence)"
             )
         };
+        let dead_list = format!(
+            "SELECT message_id::text AS message_id, ordering_key, attempts, last_error,
+                    exchange, routing_key,
+                    extract(epoch FROM now() - created_at)::float8 AS age_seconds
+             FROM {t} WHERE state = 'dead' ORDER BY id"
+        );
         Statements {
             // `NOT IN (SELECT unnest($2))` is hashed in custom and generic plans alike, where
             // `<> ALL($2)` is scanned for each row in a generic plan; the ids are never NULL.
@@ -160,12 +168,9 @@ impl Statements {
                       AND sent_at < now() - $1 * interval '1 millisecond'
                     ORDER BY sent_at LIMIT $2)"
             )),
-            dead_list: stmt(format!(
-                "SELECT message_id::text AS message_id, ordering_key, attempts, last_error,
-                        exchange, routing_key,
-                        extract(epoch FROM now() - created_at)::float8 AS age_seconds
-                 FROM {t} WHERE state = 'dead' ORDER BY id"
-            )),
+            dead_page: stmt(format!("{dead_list} LIMIT $1 OFFSET $2")),
+            dead_list: stmt(dead_list),
+            holder: stmt(format!("SELECT holder FROM {t}_leader WHERE singleton")),
             dead_retry: stmt(format!(
                 "WITH retried AS (
                     UPDATE {t} SET state = 'pending', attempts = 0, next_attempt_at = now()
@@ -235,6 +240,8 @@ pub struct PgLease {
     conn: PgConnection,
     /// The statements, for the look at the table.
     sql: Arc<Statements>,
+    /// Who this relay is, recorded when it takes the leadership.
+    holder: String,
 }
 
 impl Lease for PgLease {
@@ -246,7 +253,7 @@ impl Lease for PgLease {
             return Ok(None);
         }
         let term = sqlx::query_scalar(self.sql.raise_term.clone())
-            .bind(holder())
+            .bind(&self.holder)
             .fetch_one(&mut self.conn)
             .await?;
         Ok(Some(term))
@@ -305,6 +312,7 @@ impl Store for PgStore {
         Ok(PgLease {
             conn,
             sql: self.sql.clone(),
+            holder: self.opts.holder.clone(),
         })
     }
 
@@ -384,6 +392,22 @@ impl Store for PgStore {
         let sql = self.sql.dead_list.clone();
         self.within(|conn| Box::pin(sqlx::query_as(sql).fetch_all(conn)))
             .await
+    }
+
+    async fn dead_page(&self, offset: u64, limit: u64) -> Result<Vec<DeadRow>> {
+        let sql = self.sql.dead_page.clone();
+        let (offset, limit) = (offset as i64, limit as i64);
+        self.within(move |conn| {
+            Box::pin(sqlx::query_as(sql).bind(limit).bind(offset).fetch_all(conn))
+        })
+        .await
+    }
+
+    async fn leader_holder(&self) -> Result<Option<String>> {
+        let sql = self.sql.holder.clone();
+        self.within(|conn| Box::pin(sqlx::query_scalar(sql).fetch_optional(conn)))
+            .await
+            .map(Option::flatten)
     }
 
     async fn dead_retry(&self, message_ids: Option<&[String]>) -> Result<u64> {

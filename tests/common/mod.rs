@@ -3,6 +3,8 @@
 //! `outbox` binary as a child process, and deadline-based waits.
 #![allow(dead_code)]
 
+pub mod broker_alarm;
+pub mod browser;
 pub mod db;
 pub mod inbox;
 pub mod otlp;
@@ -11,6 +13,10 @@ pub mod workload;
 
 #[allow(unused_imports)] // not every test file uses each of them
 pub use crate::{for_store, on_both_backends};
+#[allow(unused_imports)]
+pub use broker_alarm::{BrokerSettings, rabbitmqctl};
+#[allow(unused_imports)]
+pub use browser::Browser;
 #[allow(unused_imports)]
 pub use db::{Backend, Db, DbHandle, Pool, Row, ServiceTx, TestStore};
 #[allow(unused_imports)]
@@ -345,34 +351,62 @@ impl Drop for Relay {
     }
 }
 
-/// A minimal HTTP/1.0 GET; (0, "") when nothing answers.
+/// A minimal HTTP GET; (0, "") when nothing answers.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    http_request(addr, "GET", path).await
+    http_request(addr, "GET", path, &[], "").await
 }
 
-/// A minimal HTTP/1.0 POST without a body; (0, "") when nothing answers.
+/// A minimal HTTP POST without a body; (0, "") when nothing answers.
 pub async fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
-    http_request(addr, "POST", path).await
+    http_request(addr, "POST", path, &[], "").await
 }
 
-async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+/// A minimal HTTP/1.1 request with `headers` and `body`, on a connection of its own;
+/// (0, "") when nothing answers. The body is read by its `Content-Length` (chromedriver
+/// keeps connections open), else to the end.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return (0, String::new());
     };
-    let request = format!("{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     if s.write_all(request.as_bytes()).await.is_err() {
         return (0, String::new());
     }
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf).await;
-    let code = buf
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
+    read_response(&mut s).await.unwrap_or_default()
+}
+
+/// The status and body of one HTTP response.
+async fn read_response(s: &mut tokio::net::TcpStream) -> Option<(u16, String)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0; 8192];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = s.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok())?;
+    let length = head.lines().find_map(|l| {
+        l.strip_prefix("content-length:")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    });
+    while length.is_none_or(|len| buf.len() < head_end + len) {
+        match s.read(&mut chunk).await {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    Some((code, String::from_utf8_lossy(&buf[head_end..]).into_owned()))
 }
