@@ -57,6 +57,13 @@ pub struct RelayConfig {
     pub batch_size: usize,
     /// `OUTBOX_MAX_IN_FLIGHT`: unconfirmed publishes at most (default 1000).
     pub max_in_flight: usize,
+    /// `OUTBOX_MAX_IN_FLIGHT_BYTES`: the text of the rows held from claim to mark, at most
+    /// (default 16 MiB; one row larger than that still goes out, alone).
+    pub max_in_flight_bytes: usize,
+    /// `OUTBOX_MAX_MESSAGE_SIZE`: bodies larger than this are bad rows, dead at once
+    /// (default 128 MiB, RabbitMQ 3's largest `max_message_size`; the relay also learns a
+    /// smaller limit from the broker the first time it refuses a body).
+    pub max_message_size: usize,
     /// `OUTBOX_POLL_INTERVAL`: how often to look at the whole table while notifications are
     /// not arriving (default 1s).
     pub poll_interval: Duration,
@@ -118,6 +125,8 @@ impl RelayConfig {
             app_id: None,
             batch_size: 500,
             max_in_flight: 1000,
+            max_in_flight_bytes: 16 << 20,
+            max_message_size: 128 << 20,
             poll_interval: Duration::from_secs(1),
             confirm_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
@@ -181,6 +190,12 @@ impl Config {
             app_id: var("OUTBOX_APP_ID").filter(|s| !s.is_empty()),
             batch_size: r.positive("OUTBOX_BATCH_SIZE", d.batch_size),
             max_in_flight: r.positive("OUTBOX_MAX_IN_FLIGHT", d.max_in_flight),
+            max_in_flight_bytes: r.parse(
+                "OUTBOX_MAX_IN_FLIGHT_BYTES",
+                d.max_in_flight_bytes,
+                bytes,
+            ),
+            max_message_size: r.parse("OUTBOX_MAX_MESSAGE_SIZE", d.max_message_size, bytes),
             poll_interval: r.duration("OUTBOX_POLL_INTERVAL", d.poll_interval),
             confirm_timeout: r.duration("OUTBOX_CONFIRM_TIMEOUT", d.confirm_timeout),
             connect_timeout: r.duration("OUTBOX_CONNECT_TIMEOUT", d.connect_timeout),
@@ -241,6 +256,26 @@ impl Config {
             holder: self.replica_id.clone(),
             ..StoreOptions::new(self.table.clone())
         }
+    }
+}
+
+/// A positive size: `65536`, `512KiB`, `64MiB`, `1GiB`.
+fn bytes(s: &str) -> Result<usize, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => 0,
+    };
+    match digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+    {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(format!("expected a positive size such as 64MiB, got {s:?}")),
     }
 }
 

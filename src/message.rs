@@ -108,6 +108,19 @@ pub struct OutboxRow {
     pub previous: Option<i64>,
 }
 
+impl OutboxRow {
+    /// The memory its text takes: what `OUTBOX_MAX_IN_FLIGHT_BYTES` counts.
+    pub fn bytes(&self) -> usize {
+        self.payload.len()
+            + self.headers.len()
+            + self.message_id.len()
+            + self.exchange.len()
+            + self.routing_key.len()
+            + self.ordering_key.as_ref().map_or(0, String::len)
+            + self.message_type.as_ref().map_or(0, String::len)
+    }
+}
+
 /// A validated table name: a plain SQL identifier, short enough for derived names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableName(String);

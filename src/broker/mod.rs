@@ -10,6 +10,7 @@ pub use pipeline::{Outcome, Pipeline, Report};
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -83,13 +84,20 @@ pub struct Nodes {
     urls: Vec<String>,
     /// Where the next connection attempt starts.
     next: usize,
+    /// The largest body the broker takes: `OUTBOX_MAX_MESSAGE_SIZE`, or less once a broker
+    /// refused a body by its `max_message_size` (shared by every connection).
+    max_message_size: Arc<AtomicUsize>,
 }
 
 impl Nodes {
-    /// The node list (must not be empty).
-    pub fn new(urls: Vec<String>) -> Self {
+    /// The node list (must not be empty); bodies over `max_message_size` bytes are bad rows.
+    pub fn new(urls: Vec<String>, max_message_size: usize) -> Self {
         assert!(!urls.is_empty(), "at least one AMQP URL");
-        Nodes { urls, next: 0 }
+        Nodes {
+            urls,
+            next: 0,
+            max_message_size: Arc::new(AtomicUsize::new(max_message_size)),
+        }
     }
 
     /// Tries every node once, starting with the one after the last connected; returns the
@@ -100,7 +108,8 @@ impl Nodes {
             let at = self.next;
             self.next = (at + 1) % self.urls.len();
             let url = &self.urls[at];
-            match tokio::time::timeout(timeout, Publisher::open(url)).await {
+            let max_size = self.max_message_size.clone();
+            match tokio::time::timeout(timeout, Publisher::open(url, max_size)).await {
                 Ok(Ok(publisher)) => {
                     tracing::info!(node = %crate::config::redact(url), "connected to the broker");
                     return Ok(publisher);
@@ -124,6 +133,14 @@ pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     Connection::connect_uri(uri, ConnectionProperties::default()).await
+}
+
+/// The broker's `max_message_size` from the reason it closed a channel for, if that was it
+/// (`PRECONDITION_FAILED - message size 5242880 is larger than configured max size 4194304`).
+fn refused_size(reason: &str) -> Option<usize> {
+    let (_, after) = reason.split_once("larger than configured max size ")?;
+    let digits = after.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
 }
 
 /// Delays between reconnection attempts: capped at 5 s, jittered, endless; callers take a
@@ -159,10 +176,15 @@ pub struct Publisher {
     blocked: watch::Receiver<Option<String>>,
     /// The node's URL, redacted.
     node: String,
+    /// The largest body the broker takes (see [`Nodes`]).
+    max_message_size: Arc<AtomicUsize>,
 }
 
 impl Publisher {
-    async fn open(url: &str) -> Result<Arc<Self>, lapin::Error> {
+    async fn open(
+        url: &str,
+        max_message_size: Arc<AtomicUsize>,
+    ) -> Result<Arc<Self>, lapin::Error> {
         let conn = connect(url).await?;
         let (blocked_tx, blocked) = watch::channel(None);
         tokio::spawn(watch_events(conn.events_listener(), blocked_tx));
@@ -177,6 +199,7 @@ impl Publisher {
             known_exchanges: Default::default(),
             blocked,
             node: crate::config::redact(url),
+            max_message_size,
         }))
     }
 
@@ -216,7 +239,19 @@ impl Publisher {
         row: &OutboxRow,
         app_id: Option<&str>,
     ) -> Result<Confirmation, PublishError> {
-        let props = properties::properties(row, app_id).map_err(PublishError::BadRow)?;
+        // 0 would be "no limit".
+        let frame_max = match self.conn.configuration().frame_max() {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        let props = properties::properties(row, app_id, frame_max).map_err(PublishError::BadRow)?;
+        let max_size = self.max_message_size.load(Ordering::Relaxed);
+        if row.payload.len() > max_size {
+            return Err(PublishError::BadRow(format!(
+                "the body ({} bytes) is larger than the broker takes (max_message_size {max_size} bytes)",
+                row.payload.len()
+            )));
+        }
         self.check_exchange(&row.exchange).await?;
         let options = BasicPublishOptions {
             mandatory: true,
@@ -234,9 +269,15 @@ impl Publisher {
                 .await?
                 .await
         };
-        confirm
-            .await
-            .map_err(|e| PublishError::Connection(e.to_string()))
+        confirm.await.map_err(|e| {
+            let reason = e.to_string();
+            // RabbitMQ closes the channel over a body past its max_message_size: the rows in
+            // flight go out again on the next connection, and this one is then a bad row.
+            if let Some(max) = refused_size(&reason) {
+                self.max_message_size.fetch_min(max, Ordering::Relaxed);
+            }
+            PublishError::Connection(reason)
+        })
     }
 
     /// Publishing to a missing exchange would close the shared channel and fail every row in
@@ -314,5 +355,18 @@ async fn watch_events(
             Event::Error(e) => tracing::warn!(error = %e, "broker connection error"),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_size;
+
+    #[test]
+    fn the_broker_s_max_message_size_is_read_from_its_refusal() {
+        let reason = "protocol error: AMQP soft error: PRECONDITION_FAILED - message size \
+                      5242880 is larger than configured max size 4194304";
+        assert_eq!(refused_size(reason), Some(4_194_304));
+        assert_eq!(refused_size("NOT_FOUND - no exchange 'x'"), None);
     }
 }

@@ -14,8 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::leader::{Action, Leader};
 use crate::broker::{Nodes, Pipeline, Publisher, Report};
 use crate::config::RelayConfig;
-use crate::message::OutboxRow;
-use crate::store::{Inserts, Lease, Lookout, Store};
+use crate::store::{Claimed, Inserts, Lease, Lookout, Store};
 use crate::{Health, Result};
 
 /// How long closing a broker connection may take.
@@ -51,7 +50,7 @@ pub(super) struct Driver<S: Store> {
     /// Read by the loop.
     reports: mpsc::UnboundedReceiver<Report>,
     /// The claim running.
-    claim: Running<Result<Vec<OutboxRow>>>,
+    claim: Running<Result<Claimed>>,
     /// The mark running.
     mark: Running<Result<()>>,
     /// The connection attempt running, which hands the node list back.
@@ -73,7 +72,10 @@ impl<S: Store> Driver<S> {
         Driver {
             lease: Some(lease),
             term,
-            nodes: Some(Nodes::new(config.amqp_urls.clone())),
+            nodes: Some(Nodes::new(
+                config.amqp_urls.clone(),
+                config.max_message_size,
+            )),
             core: Leader::new(config.clone(), Instant::now().into_std()),
             store,
             config,
@@ -155,11 +157,16 @@ impl<S: Store> Driver<S> {
     /// Starts what the core asks for.
     fn execute(&mut self, action: Action) {
         match action {
-            Action::Claim { limit, from, skip } => {
+            Action::Claim {
+                limit,
+                from,
+                skip,
+                bytes,
+            } => {
                 let store = self.store.clone();
-                self.claim = Some(Box::pin(
-                    async move { store.claim(limit, from, &skip).await },
-                ));
+                self.claim = Some(Box::pin(async move {
+                    store.claim(limit, from, &skip, bytes).await
+                }));
             }
             Action::Mark { sent, failed } => {
                 let store = self.store.clone();

@@ -33,7 +33,7 @@ use crate::broker::{Outcome, PublishError};
 use crate::config::RelayConfig;
 use crate::message::OutboxRow;
 use crate::metrics as m;
-use crate::store::{Failure, Lookout};
+use crate::store::{Claimed, Failure, Lookout};
 
 /// Without notifications, the first wait before claiming again after a claim found nothing;
 /// it doubles after each empty claim up to `OUTBOX_POLL_INTERVAL`, when the looks take over.
@@ -46,11 +46,12 @@ const DATABASE_RETRY: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub(crate) enum Action {
     /// Read up to `limit` claimable rows with ids from `from` up, skipping `skip` (every
-    /// row held).
+    /// row held), while they fit in `bytes`.
     Claim {
         limit: usize,
         from: i64,
         skip: Vec<i64>,
+        bytes: usize,
     },
     /// Record confirmed rows as sent and failed attempts, in one transaction.
     Mark {
@@ -95,6 +96,8 @@ pub(crate) struct Leader {
     listening: bool,
     /// The limit of the claim running, if one is.
     claiming: Option<usize>,
+    /// The mean size of the rows of the last claim that found any (0 before one did).
+    row_bytes: usize,
     /// The marks owed to the table.
     marks: Marks,
     /// No database operation before this (after one failed).
@@ -146,6 +149,7 @@ impl Leader {
             committed_from: None,
             listening: false,
             claiming: None,
+            row_bytes: 0,
             marks: Marks::default(),
             database_retry_at: None,
             broker: Broker::Down { retry_at: now },
@@ -335,13 +339,16 @@ impl Leader {
     }
 
     /// A claim came back.
-    pub(crate) fn claimed(&mut self, now: Instant, rows: Result<Vec<OutboxRow>, ()>) {
+    pub(crate) fn claimed(&mut self, now: Instant, claimed: Result<Claimed, ()>) {
         let limit = self.claiming.take().expect("a claim was running");
-        let Ok(rows) = rows else {
+        let Ok(Claimed { rows, cut }) = claimed else {
             self.database_failed(now);
             return;
         };
-        let full = rows.len() == limit;
+        if !rows.is_empty() {
+            self.row_bytes = rows.iter().map(OutboxRow::bytes).sum::<usize>() / rows.len();
+        }
+        let full = rows.len() == limit || cut;
         let last = rows.last().map(|r| r.id);
         let mut missed = None;
         for row in rows {
@@ -563,17 +570,30 @@ impl Leader {
         let worth_it = room >= self.config.batch_size / 2 || self.rows.none_ready();
         // A mark that changes what claims return goes first (claims would starve it).
         let exclusive = self.marks.exclusive();
-        if !self.dirty || room == 0 || !worth_it || self.blocked || exclusive {
+        let full = self.rows.bytes() >= self.config.max_in_flight_bytes;
+        if !self.dirty || room == 0 || full || !worth_it || self.blocked || exclusive {
             return None;
         }
         if self.database_retry_at.is_some() {
             return None;
         }
-        let limit = room.min(self.config.batch_size);
+        // What the held rows leave of OUTBOX_MAX_IN_FLIGHT_BYTES, and as many rows as it
+        // held of the last claim's size (a claim that stops at its budget wastes the rest).
+        let bytes = self
+            .config
+            .max_in_flight_bytes
+            .saturating_sub(self.rows.bytes());
+        let fit = bytes / self.row_bytes.max(1);
+        let limit = room.min(self.config.batch_size).min(fit.max(1));
         let from = self.floor;
         let skip = self.rows.held();
         self.claiming = Some(limit);
-        Some(Action::Claim { limit, from, skip })
+        Some(Action::Claim {
+            limit,
+            from,
+            skip,
+            bytes,
+        })
     }
 
     /// The mark to start now, if any: a batch of confirms, or fewer once the window is idle
@@ -613,6 +633,11 @@ impl Leader {
     /// Panics unless every row is in one place at most, and only if held.
     pub(crate) fn check_consistency(&self) {
         self.rows.check_consistency();
+    }
+
+    /// The text of the rows held, in bytes.
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.rows.bytes()
     }
 }
 

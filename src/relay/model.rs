@@ -14,15 +14,23 @@ use super::leader::{Action, Leader};
 use crate::broker::{Confirm, Outcome, PublishError, Report, settle};
 use crate::config::RelayConfig;
 use crate::message::OutboxRow;
-use crate::store::{Failure, Lookout};
+use crate::store::{Budget, Claimed, Failure, Lookout};
 
 const MAX_ATTEMPTS: u32 = 3;
 const KEYS: u8 = 3;
+/// Payload sizes, by row id: a claim of three rows may overrun the byte bound, and the
+/// largest row alone does.
+const PAYLOAD_BYTES: [usize; 4] = [2, 10, 30, 60];
+/// The relay's byte bound here.
+const MAX_BYTES: usize = 60;
+/// The largest row's text: held rows may exceed the bound by one row at most.
+const LARGEST_ROW: usize = 100;
 
 fn config() -> RelayConfig {
     RelayConfig {
         batch_size: 2,
         max_in_flight: 3,
+        max_in_flight_bytes: MAX_BYTES,
         poll_interval: Duration::from_secs(1),
         max_attempts: MAX_ATTEMPTS,
         backoff_min: Duration::from_millis(100),
@@ -130,7 +138,7 @@ struct Table {
 }
 
 impl Table {
-    fn claim(&self, now: Instant, limit: usize, from: i64, skip: &[i64]) -> Vec<OutboxRow> {
+    fn claim(&self, now: Instant, limit: usize, from: i64, skip: &[i64], bytes: usize) -> Claimed {
         let blocks = |id: i64, key: &str| {
             self.rows.range(..id).any(|(_, e)| {
                 e.committed
@@ -138,7 +146,8 @@ impl Table {
                     && (e.state == State::Dead || (e.state == State::Pending && e.attempts > 0))
             })
         };
-        self.rows
+        let rows = self
+            .rows
             .range(from..)
             .filter(|(id, r)| {
                 r.committed
@@ -166,8 +175,14 @@ impl Table {
                     .map(|(&id, _)| id)
                     .next_back();
                 row
-            })
-            .collect()
+            });
+        let mut budget = Budget::new(bytes);
+        for row in rows {
+            if !budget.admit(row) {
+                break;
+            }
+        }
+        budget.claimed()
     }
 
     fn mark(&mut self, now: Instant, sent: &[i64], failed: &[Failure]) {
@@ -209,7 +224,7 @@ fn outbox_row(id: i64, r: &Row) -> OutboxRow {
         routing_key: if r.routable { "routed" } else { "nowhere" }.into(),
         ordering_key: r.key.clone(),
         message_type: None,
-        payload: "{}".into(),
+        payload: format!("\"{}\"", "x".repeat(PAYLOAD_BYTES[id as usize % 4])),
         headers: "{}".into(),
         created_at: 0.0,
         attempts: r.attempts as i32,
@@ -249,7 +264,7 @@ struct Node {
     /// A look at the table runs.
     look: bool,
     /// The running claim's answer, read when it started.
-    claim: Option<Vec<OutboxRow>>,
+    claim: Option<Claimed>,
     /// The running mark.
     mark: Option<(Vec<i64>, Vec<Failure>)>,
     connecting: bool,
@@ -622,8 +637,13 @@ fn run_node(node: &mut Node, table: &Table, now: Instant, blocked: bool, listeni
 /// Starts what the core asks for; a claim reads the table now.
 fn execute(node: &mut Node, table: &Table, action: Action, now: Instant) {
     match action {
-        Action::Claim { limit, from, skip } => {
-            node.claim = Some(table.claim(now, limit, from, &skip));
+        Action::Claim {
+            limit,
+            from,
+            skip,
+            bytes,
+        } => {
+            node.claim = Some(table.claim(now, limit, from, &skip, bytes));
         }
         Action::Mark { sent, failed } => node.mark = Some((sent, failed)),
         Action::Connect => node.connecting = true,
@@ -843,6 +863,11 @@ fn check(node: &Node) {
         "{} unconfirmed publishes, window {}",
         node.core.outstanding(),
         config().max_in_flight
+    );
+    assert!(
+        node.core.held_bytes() <= MAX_BYTES + LARGEST_ROW,
+        "{} bytes held, bound {MAX_BYTES}",
+        node.core.held_bytes()
     );
     node.core.check_consistency();
 }

@@ -2,7 +2,7 @@
 //! published now, those waiting behind an earlier row of their key, and those awaiting their
 //! confirm. A key has at most one row published and unconfirmed.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::message::OutboxRow;
@@ -11,8 +11,11 @@ use crate::store::Failure;
 /// The held rows of one leadership term.
 #[derive(Default)]
 pub(super) struct Rows {
-    /// Rows claimed and not yet marked, whatever their stage: never claimed again while here.
-    held: HashSet<i64>,
+    /// Rows claimed and not yet marked, whatever their stage, with their size: never
+    /// claimed again while here.
+    held: HashMap<i64, usize>,
+    /// The sizes of the held rows, added up.
+    bytes: usize,
     /// Rows that may be published now, in claim order.
     ready: VecDeque<Arc<OutboxRow>>,
     /// Keys with a row ready or unconfirmed, and the rows of that key waiting behind it.
@@ -29,6 +32,11 @@ impl Rows {
     /// How many rows are held.
     pub(super) fn len(&self) -> usize {
         self.held.len()
+    }
+
+    /// The text of the held rows, in bytes.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// The highest id claimed this term.
@@ -49,7 +57,21 @@ impl Rows {
     /// The held ids: a claim skips them (and a store may look below its floor for rows
     /// that are not among them).
     pub(super) fn held(&self) -> Vec<i64> {
-        self.held.iter().copied().collect()
+        self.held.keys().copied().collect()
+    }
+
+    /// Holds row `id`.
+    fn hold(&mut self, row: &OutboxRow) {
+        let size = row.bytes();
+        self.bytes += size;
+        self.held.insert(row.id, size);
+    }
+
+    /// Lets row `id` go.
+    fn release(&mut self, id: i64) {
+        if let Some(size) = self.held.remove(&id) {
+            self.bytes -= size;
+        }
     }
 
     /// Holds a claimed row: ready if its key has nothing ahead, else behind its key's rows.
@@ -59,13 +81,13 @@ impl Rows {
     pub(super) fn take(&mut self, row: OutboxRow) -> Option<i64> {
         self.top = self.top.max(row.id);
         if let Some(previous) = row.previous
-            && !self.held.contains(&previous)
+            && !self.held.contains_key(&previous)
         {
             return Some(previous);
         }
         let row = Arc::new(row);
         let Some(key) = &row.ordering_key else {
-            self.held.insert(row.id);
+            self.hold(&row);
             self.ready.push_back(row);
             return None;
         };
@@ -73,7 +95,7 @@ impl Rows {
             // Claimed before the failure was marked: found again once its key is released.
             return None;
         }
-        self.held.insert(row.id);
+        self.hold(&row);
         match self.keys.get_mut(key) {
             Some(behind) => {
                 // Normally the last; a row committed late goes among the others by id.
@@ -118,7 +140,7 @@ impl Rows {
     pub(super) fn failed(&mut self, row: &OutboxRow) {
         if let Some(key) = &row.ordering_key {
             for behind in self.keys.remove(key).into_iter().flatten() {
-                self.held.remove(&behind.id);
+                self.release(behind.id);
             }
             self.failing.insert(key.clone(), row.id);
         }
@@ -136,8 +158,8 @@ impl Rows {
     /// A mark of these rows is written: they are no longer held, and the claims now hold
     /// back the keys of the failed ones.
     pub(super) fn marked(&mut self, sent: &[i64], failed: &[Failure]) {
-        for id in sent.iter().chain(failed.iter().map(|f| &f.id)) {
-            self.held.remove(id);
+        for &id in sent.iter().chain(failed.iter().map(|f| &f.id)) {
+            self.release(id);
         }
         self.failing
             .retain(|_, id| !failed.iter().any(|f| f.id == *id));
@@ -146,7 +168,7 @@ impl Rows {
     /// Panics unless every row is in one place at most, and only if held.
     #[cfg(test)]
     pub(super) fn check_consistency(&self) {
-        let mut seen = HashSet::new();
+        let mut seen = std::collections::HashSet::new();
         let places = self
             .ready
             .iter()
@@ -155,7 +177,11 @@ impl Rows {
             .chain(self.unconfirmed.keys().copied());
         for id in places {
             assert!(seen.insert(id), "row {id} is in two places at once");
-            assert!(self.held.contains(&id), "row {id} is handled but not held");
+            assert!(
+                self.held.contains_key(&id),
+                "row {id} is handled but not held"
+            );
         }
+        assert_eq!(self.bytes, self.held.values().sum::<usize>(), "held bytes");
     }
 }

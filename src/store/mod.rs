@@ -199,6 +199,67 @@ impl Inserts {
     }
 }
 
+/// What a claim read.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// The rows, in id order.
+    pub rows: Vec<OutboxRow>,
+    /// It stopped at its byte budget: rows after the last may be claimable.
+    pub cut: bool,
+}
+
+/// A claim's byte budget: rows are kept, in order, while their sizes ([`OutboxRow::bytes`])
+/// fit, and the first one always (a row larger than the budget still goes out, alone).
+#[derive(Debug)]
+pub struct Budget {
+    /// Bytes left.
+    left: usize,
+    /// What was kept.
+    claimed: Claimed,
+}
+
+impl Budget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: usize) -> Self {
+        Budget {
+            left: bytes,
+            claimed: Claimed::default(),
+        }
+    }
+
+    /// Keeps `row` if it fits; `false` once one does not (the claim stops there).
+    pub fn admit(&mut self, row: OutboxRow) -> bool {
+        let size = row.bytes();
+        if size > self.left && !self.claimed.rows.is_empty() {
+            self.claimed.cut = true;
+            return false;
+        }
+        self.left = self.left.saturating_sub(size);
+        self.claimed.rows.push(row);
+        true
+    }
+
+    /// Keeps rows from `rows` while they fit.
+    pub async fn fill<E>(
+        mut self,
+        rows: impl futures_util::Stream<Item = std::result::Result<OutboxRow, E>>,
+    ) -> std::result::Result<Claimed, E> {
+        use futures_util::TryStreamExt;
+        let mut rows = std::pin::pin!(rows);
+        while let Some(row) = rows.try_next().await? {
+            if !self.admit(row) {
+                break;
+            }
+        }
+        Ok(self.claimed)
+    }
+
+    /// What was kept.
+    pub fn claimed(self) -> Claimed {
+        self.claimed
+    }
+}
+
 /// What the relay and the CLI need from a database.
 pub trait Store: Clone + Send + Sync + 'static {
     /// Held by the one relay that publishes.
@@ -215,15 +276,17 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Up to `limit` rows due for publishing with ids from `from` up, oldest first, skipping
     /// `held` (every row the leader has), and holding back every row whose ordering key
-    /// has an earlier row that failed (dead, or pending with attempts). Each row with a key
-    /// names the pending row just before it on its key ([`OutboxRow::previous`]); a store
-    /// may leave that out when it is one of `held`, whose order the leader keeps itself.
+    /// has an earlier row that failed (dead, or pending with attempts); read one at a time
+    /// and kept while they fit in `bytes` ([`Budget`]). Each row with a key names the
+    /// pending row just before it on its key ([`OutboxRow::previous`]); a store may leave
+    /// that out when it is one of `held`, whose order the leader keeps itself.
     fn claim(
         &self,
         limit: usize,
         from: i64,
         held: &[i64],
-    ) -> impl Future<Output = Result<Vec<OutboxRow>>> + Send;
+        bytes: usize,
+    ) -> impl Future<Output = Result<Claimed>> + Send;
 
     /// Records confirmed rows as sent and failed attempts, in one transaction, if `term` is
     /// still the table's; otherwise changes nothing and fails with [`Error::LeaseLost`].

@@ -13,14 +13,15 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError, MySqlPool};
 use sqlx::{AssertSqlSafe, Connection, FromRow, SqlStr};
 
 use super::deadline::Work;
 use super::migrate::{Migration, history_table, render};
 use super::{
-    DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions, pool_options, stmt,
-    within,
+    Budget, Claimed, DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions,
+    pool_options, stmt, within,
 };
 use crate::message::OutboxRow;
 use crate::{Error, Result, TableName};
@@ -414,24 +415,23 @@ impl Store for MyStore {
     /// Rows from `from` up; each row with a key names the latest pending row of its key
     /// that the leader does not hold and that was committed late below `from` (rows from
     /// `from` up come in this claim, in order; the leader keeps the held rows' order).
-    async fn claim(&self, limit: usize, from: i64, held: &[i64]) -> Result<Vec<OutboxRow>> {
+    async fn claim(&self, limit: usize, from: i64, held: &[i64], bytes: usize) -> Result<Claimed> {
         let (above, below): (Vec<i64>, Vec<i64>) = held.iter().partition(|&&id| id >= from);
         let claim = self.sql.claim(limit, from, &above);
         let sql = self.sql.clone();
         self.within(move |conn| {
             Box::pin(async move {
-                let mut rows = sqlx::raw_sql(AssertSqlSafe(claim))
-                    .fetch_all(&mut *conn)
-                    .await?
-                    .iter()
-                    .map(OutboxRow::from_row)
-                    .collect::<Result<Vec<_>, _>>()?;
+                let read = sqlx::raw_sql(AssertSqlSafe(claim))
+                    .fetch(&mut *conn)
+                    .map(|row| row.and_then(|row| OutboxRow::from_row(&row)));
+                let mut claimed = Budget::new(bytes).fill(read).await?;
+                let rows = &mut claimed.rows;
                 let keys: BTreeSet<&str> = rows
                     .iter()
                     .filter_map(|r| r.ordering_key.as_deref())
                     .collect();
                 if from <= 0 || keys.is_empty() {
-                    return Ok(rows);
+                    return Ok(claimed);
                 }
                 let late_sql = sql.late(keys.len(), from, &below);
                 let mut query = sqlx::query_as(AssertSqlSafe(late_sql)).persistent(false);
@@ -446,7 +446,7 @@ impl Store for MyStore {
                         .map(|(id, _)| *id)
                         .max();
                 }
-                Ok(rows)
+                Ok(claimed)
             })
         })
         .await

@@ -8,10 +8,9 @@ use std::time::Duration;
 use super::deadline::Work;
 use super::migrate::{Migration, history_table, render};
 use super::{
-    DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions, pool_options, stmt,
-    within,
+    Budget, Claimed, DeadRow, Failure, Inserts, Lease, Lookout, Stats, Store, StoreOptions,
+    pool_options, stmt, within,
 };
-use crate::message::OutboxRow;
 use crate::{Result, TableName};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool};
 use sqlx::{AssertSqlSafe, Connection, SqlStr};
@@ -316,16 +315,15 @@ impl Store for PgStore {
         })
     }
 
-    async fn claim(&self, limit: usize, from: i64, held: &[i64]) -> Result<Vec<OutboxRow>> {
+    async fn claim(&self, limit: usize, from: i64, held: &[i64], bytes: usize) -> Result<Claimed> {
         let (sql, held) = (self.sql.claim.clone(), held.to_vec());
         self.within(move |conn| {
-            Box::pin(
-                sqlx::query_as(sql)
-                    .bind(from)
-                    .bind(held)
-                    .bind(limit as i64)
-                    .fetch_all(conn),
-            )
+            let rows = sqlx::query_as(sql)
+                .bind(from)
+                .bind(held)
+                .bind(limit as i64)
+                .fetch(conn);
+            Box::pin(Budget::new(bytes).fill(rows))
         })
         .await
     }
