@@ -310,8 +310,32 @@ impl Reader<'_> {
         })
     }
 
+    /// Variable `name`, or the content of the file `<name>_FILE` names (the convention of
+    /// mounted secrets; trailing newline trimmed). Both set is an error.
+    fn secret(&mut self, name: &str) -> Option<String> {
+        let file = format!("{name}_FILE");
+        match ((self.var)(name), (self.var)(&file)) {
+            (Some(_), Some(_)) => {
+                self.errors.push(format!("{name}: set it or {file}, not both"));
+                None
+            }
+            (Some(value), None) => Some(value),
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(text) => Some(text.trim_end_matches(['\r', '\n']).to_owned()),
+                Err(e) => {
+                    self.errors.push(format!("{file}: cannot read {path:?} ({e})"));
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
     fn database_url(&mut self) -> String {
-        let Some(url) = (self.var)("DATABASE_URL").filter(|s| !s.trim().is_empty()) else {
+        let Some(url) = self.secret("DATABASE_URL").filter(|s| !s.trim().is_empty()) else {
+            if self.errors.iter().any(|e| e.starts_with("DATABASE_URL")) {
+                return String::new();
+            }
             self.errors.push(
                 "DATABASE_URL: required, e.g. postgres://user@host/db or mysql://user@host/db"
                     .into(),
@@ -350,34 +374,17 @@ impl Reader<'_> {
     /// `OUTBOX_ADMIN_TOKEN` or the content of `OUTBOX_ADMIN_TOKEN_FILE` (trailing newline
     /// trimmed); never echoed.
     fn admin_token(&mut self) -> Option<Secret> {
-        let (name, file) = ("OUTBOX_ADMIN_TOKEN", "OUTBOX_ADMIN_TOKEN_FILE");
-        let token = match ((self.var)(name), (self.var)(file)) {
-            (Some(_), Some(_)) => {
-                self.errors
-                    .push(format!("{name}: set it or {file}, not both"));
-                return None;
-            }
-            (Some(token), None) => token,
-            (None, Some(path)) => match std::fs::read_to_string(&path) {
-                Ok(text) => text.trim_end_matches(['\r', '\n']).to_owned(),
-                Err(e) => {
-                    self.errors
-                        .push(format!("{file}: cannot read {path:?} ({e})"));
-                    return None;
-                }
-            },
-            (None, None) => return None,
-        };
+        let token = self.secret("OUTBOX_ADMIN_TOKEN")?;
         if token.trim().is_empty() {
-            self.errors.push(format!("{name}: must not be empty"));
+            self.errors.push("OUTBOX_ADMIN_TOKEN: must not be empty".into());
             return None;
         }
         Some(Secret(token))
     }
 
     fn amqp_urls(&mut self, required: bool) -> Vec<String> {
-        let Some(raw) = (self.var)("AMQP_URL").filter(|s| !s.trim().is_empty()) else {
-            if required {
+        let Some(raw) = self.secret("AMQP_URL").filter(|s| !s.trim().is_empty()) else {
+            if required && !self.errors.iter().any(|e| e.starts_with("AMQP_URL")) {
                 self.errors.push("AMQP_URL: required, e.g. amqp://user:password@host:5672/%2f (several, comma-separated, for a cluster)".into());
             }
             return Vec::new();
