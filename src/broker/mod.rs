@@ -3,10 +3,12 @@
 
 mod pipeline;
 mod properties;
+mod tls;
 
 #[cfg(test)]
 pub(crate) use pipeline::{Confirm, settle};
 pub use pipeline::{Outcome, Pipeline, Report};
+pub use tls::{AmqpTls, ClientIdentity, check_certificates, check_private_key, describe};
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -81,15 +83,17 @@ impl std::fmt::Display for PublishError {
 pub struct Nodes {
     /// The `AMQP_URL` entries, in order.
     urls: Vec<String>,
+    /// How `amqps://` connections verify the broker and present this client.
+    tls: AmqpTls,
     /// Where the next connection attempt starts.
     next: usize,
 }
 
 impl Nodes {
     /// The node list (must not be empty).
-    pub fn new(urls: Vec<String>) -> Self {
+    pub fn new(urls: Vec<String>, tls: AmqpTls) -> Self {
         assert!(!urls.is_empty(), "at least one AMQP URL");
-        Nodes { urls, next: 0 }
+        Nodes { urls, tls, next: 0 }
     }
 
     /// Tries every node once, starting with the one after the last connected; returns the
@@ -100,12 +104,12 @@ impl Nodes {
             let at = self.next;
             self.next = (at + 1) % self.urls.len();
             let url = &self.urls[at];
-            match tokio::time::timeout(timeout, Publisher::open(url)).await {
+            match tokio::time::timeout(timeout, Publisher::open(url, &self.tls)).await {
                 Ok(Ok(publisher)) => {
                     tracing::info!(node = %crate::config::redact(url), "connected to the broker");
                     return Ok(publisher);
                 }
-                Ok(Err(e)) => last_error = e.to_string(),
+                Ok(Err(e)) => last_error = describe(&e),
                 Err(_) => last_error = format!("no answer within {timeout:?}"),
             }
             tracing::warn!(node = %crate::config::redact(url), error = %last_error, "broker node unavailable");
@@ -117,13 +121,18 @@ impl Nodes {
 /// Opens an AMQP connection to `url`, asking for a 10 s heartbeat (so a dead peer is noticed)
 /// and 32 KiB frames (so its buffers stay small) unless the URL sets them. Callers bound it
 /// with a timeout: a node that is shutting down can accept a TCP connection and never answer.
-pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
+/// An `amqps://` URL verifies the broker's certificate and host name with `tls`, and never
+/// falls back to plain text.
+pub async fn connect(url: &str, tls: &AmqpTls) -> Result<Connection, lapin::Error> {
     let mut uri: AMQPUri = url
         .parse()
         .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
-    Connection::connect_uri(uri, ConnectionProperties::default()).await
+    tls.choose_mechanism(url, &mut uri);
+    let runtime = lapin::runtime::default_runtime()?;
+    let options = ConnectionProperties::default();
+    Connection::connect_uri_with_config(uri, options, tls.lapin_config(), runtime).await
 }
 
 /// Delays between reconnection attempts: capped at 5 s, jittered, endless; callers take a
@@ -162,8 +171,8 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    async fn open(url: &str) -> Result<Arc<Self>, lapin::Error> {
-        let conn = connect(url).await?;
+    async fn open(url: &str, tls: &AmqpTls) -> Result<Arc<Self>, lapin::Error> {
+        let conn = connect(url, tls).await?;
         let (blocked_tx, blocked) = watch::channel(None);
         tokio::spawn(watch_events(conn.events_listener(), blocked_tx));
         let channel = conn.create_channel().await?;

@@ -73,7 +73,10 @@ impl<S: Store> Driver<S> {
         Driver {
             lease: Some(lease),
             term,
-            nodes: Some(Nodes::new(config.amqp_urls.clone())),
+            nodes: Some(Nodes::new(
+                config.amqp_urls.clone(),
+                config.amqp_tls.clone(),
+            )),
             core: Leader::new(config.clone(), Instant::now().into_std()),
             store,
             config,
