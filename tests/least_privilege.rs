@@ -3,7 +3,7 @@
 //! and read and update `<table>_leader`; under it the relay delivers, `outbox status` reads
 //! and `outbox dead retry` releases a dead row, while a business table stays out of its
 //! reach. At the broker: a user of its own, on a vhost of its own, with write permission on
-//! the target exchange only.
+//! the target exchange and the default exchange (`amq.default`) only.
 
 mod common;
 
@@ -113,7 +113,8 @@ async fn ready(channel: &Channel, queue: &str) -> u32 {
 async fn the_relay_needs_only_write_on_its_exchanges() {
     let db = Db::new(Backend::Postgres).await;
     let (exchange, queue) = (unique("x"), unique("q"));
-    let broker = BrokerUser::create(&format!("^{exchange}$"));
+    // Rows for the default exchange need write on amq.default.
+    let broker = BrokerUser::create(&format!("^(amq\\.default|{exchange})$"));
     let conn = Connection::connect(
         &broker.url("guest", "guest"),
         ConnectionProperties::default(),
@@ -154,11 +155,16 @@ async fn the_relay_needs_only_write_on_its_exchanges() {
         db.insert_row(&Row::new("k", json!({"n": n})).exchange(&exchange))
             .await;
     }
-    eventually("three messages routed", Duration::from_secs(30), || async {
-        ready(&channel, &queue).await == 3
+    db.insert(&queue, None, json!({"default exchange": true}))
+        .await;
+    eventually("four messages routed", Duration::from_secs(30), || async {
+        ready(&channel, &queue).await == 4
     })
     .await;
-    assert_eq!(db.count("state = 'pending'").await, 0);
+    eventually("every row marked sent", Duration::from_secs(10), || async {
+        db.count("state = 'pending'").await == 0
+    })
+    .await;
     let log = relay.log_text();
     assert!(!log.contains("ACCESS_REFUSED"), "{log}");
     let _ = conn.close(200, "done".into()).await;
