@@ -28,20 +28,7 @@ use tokio_util::sync::CancellationToken;
 const AMQPS: u16 = 5691;
 
 fn tls_node(args: &[&str]) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq-tls.sh");
-    let out = Command::new(script)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{script} could not run ({e}): it needs bash, openssl and RabbitMQ, as root")
-        });
-    assert!(
-        out.status.success(),
-        "rabbitmq-tls.sh {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    script("rabbitmq-tls.sh", args)
 }
 
 /// Stops the TLS node and deletes its data, even when the test fails.
@@ -343,8 +330,7 @@ async fn refused_with_the_wrong_ca_or_host_name(certs: &Path) {
 async fn mysql_verify_ca_never_falls_back_to_plain_text() {
     let db = Db::new(Backend::Mysql).await;
     let certs = std::env::temp_dir().join(unique("certs"));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-certs.sh");
-    assert!(Command::new(script).arg(&certs).status().unwrap().success());
+    script("test-certs.sh", &[certs.to_str().unwrap()]);
     let url = format!(
         "{}?ssl-mode=VERIFY_CA&ssl-ca={}",
         db.url,
