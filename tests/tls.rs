@@ -60,6 +60,16 @@ fn psql(statements: &[&str]) {
     );
 }
 
+/// The value of a setting, as a new session sees it.
+fn psql_show(setting: &str) -> String {
+    let out = Command::new("psql")
+        .arg(format!("{}/postgres", pg_server()))
+        .args(["-Atc", &format!("SHOW {setting}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// PostgreSQL serving the test CA's server certificate (`ALTER SYSTEM`, reload); put back
 /// when dropped, even when the test fails. Plain connections go on working meanwhile.
 struct PgTls {
@@ -95,6 +105,16 @@ impl PgTls {
             "ALTER SYSTEM SET ssl = on",
             "SELECT pg_reload_conf()",
         ]);
+        // The reload is asynchronous: a new session sees the new file once it took effect.
+        let cert = format!("{}/server.pem", guard.dir.display());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while psql_show("ssl_cert_file") != cert {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PostgreSQL did not reload"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         guard
     }
 }
