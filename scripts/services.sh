@@ -21,6 +21,8 @@ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(ma
 # A one-node Galera cluster for the test that the relay refuses it (scripts/galera-node.sh).
 [ -f /usr/lib/galera/libgalera_smm.so ] || missing+=(galera-4)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# Test certificates (scripts/test-certs.sh) for the TLS tests.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::broker::{AmqpTls, ClientIdentity, check_certificates, check_private_key};
 use crate::{StoreOptions, TableName};
 
 /// Everything the sidecar is configured with.
@@ -49,6 +50,9 @@ pub enum LogFormat {
 pub struct RelayConfig {
     /// `AMQP_URL`: the broker's nodes, comma-separated.
     pub amqp_urls: Vec<String>,
+    /// `OUTBOX_AMQP_CA_FILE`, `OUTBOX_AMQP_CLIENT_CERT`, `OUTBOX_AMQP_CLIENT_KEY`: how
+    /// `amqps://` nodes are verified and this relay presents itself to them.
+    pub amqp_tls: AmqpTls,
     /// `OUTBOX_HTTP_ADDR`: where the HTTP endpoints listen (default `0.0.0.0:8787`).
     pub http_addr: Option<SocketAddr>,
     /// `OUTBOX_APP_ID`: the AMQP `app_id` property.
@@ -121,6 +125,7 @@ impl RelayConfig {
     pub fn new(amqp_urls: Vec<String>) -> Self {
         RelayConfig {
             amqp_urls,
+            amqp_tls: AmqpTls::default(),
             http_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8787))),
             app_id: None,
             batch_size: 500,
@@ -179,6 +184,7 @@ impl Config {
         let d = RelayConfig::new(Vec::new());
         let relay = RelayConfig {
             amqp_urls: r.amqp_urls(needs_broker),
+            amqp_tls: r.amqp_tls(),
             http_addr: r.parse("OUTBOX_HTTP_ADDR", d.http_addr, |s| {
                 if s.is_empty() {
                     return Ok(None);
@@ -224,6 +230,12 @@ impl Config {
                 "OUTBOX_LEASE_TIMEOUT: must be at least three times OUTBOX_LEADER_CHECK and OUTBOX_POLL_INTERVAL (the smaller of them)"
                     .into(),
             );
+        }
+        let tls_named = ["OUTBOX_AMQP_CA_FILE", "OUTBOX_AMQP_CLIENT_CERT"]
+            .iter()
+            .any(|name| var(name).is_some());
+        if tls_named && relay.amqp_urls.iter().any(|u| u.starts_with("amqp://")) {
+            r.errors.push("AMQP_URL: an amqp:// entry would be plain text while OUTBOX_AMQP_CA_FILE or OUTBOX_AMQP_CLIENT_CERT is set: use amqps://".into());
         }
         if relay.backoff_min > relay.backoff_max {
             r.errors
@@ -316,14 +328,16 @@ impl Reader<'_> {
         let file = format!("{name}_FILE");
         match ((self.var)(name), (self.var)(&file)) {
             (Some(_), Some(_)) => {
-                self.errors.push(format!("{name}: set it or {file}, not both"));
+                self.errors
+                    .push(format!("{name}: set it or {file}, not both"));
                 None
             }
             (Some(value), None) => Some(value),
             (None, Some(path)) => match std::fs::read_to_string(&path) {
                 Ok(text) => Some(text.trim_end_matches(['\r', '\n']).to_owned()),
                 Err(e) => {
-                    self.errors.push(format!("{file}: cannot read {path:?} ({e})"));
+                    self.errors
+                        .push(format!("{file}: cannot read {path:?} ({e})"));
                     None
                 }
             },
@@ -376,10 +390,55 @@ impl Reader<'_> {
     fn admin_token(&mut self) -> Option<Secret> {
         let token = self.secret("OUTBOX_ADMIN_TOKEN")?;
         if token.trim().is_empty() {
-            self.errors.push("OUTBOX_ADMIN_TOKEN: must not be empty".into());
+            self.errors
+                .push("OUTBOX_ADMIN_TOKEN: must not be empty".into());
             return None;
         }
         Some(Secret(token))
+    }
+
+    /// The broker's TLS files, read and checked now: a missing or invalid one is reported.
+    fn amqp_tls(&mut self) -> AmqpTls {
+        let (cert_var, key_var) = ("OUTBOX_AMQP_CLIENT_CERT", "OUTBOX_AMQP_CLIENT_KEY");
+        let ca = self.pem_file("OUTBOX_AMQP_CA_FILE", check_certificates);
+        let cert = self.pem_file(cert_var, check_certificates);
+        let key = self.pem_file(key_var, check_private_key);
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => Some(ClientIdentity {
+                cert,
+                key: Secret(key),
+            }),
+            _ => {
+                for (set, unset) in [(cert_var, key_var), (key_var, cert_var)] {
+                    if (self.var)(set).is_some() && (self.var)(unset).is_none() {
+                        self.errors.push(format!("{unset}: required with {set}"));
+                    }
+                }
+                None
+            }
+        };
+        AmqpTls { ca, client }
+    }
+
+    /// The content of the PEM file that `name` names, if set, checked by `check`; never
+    /// echoed (it may be a private key).
+    fn pem_file(&mut self, name: &str, check: fn(&str) -> Result<(), String>) -> Option<String> {
+        let path = (self.var)(name)?;
+        let text = match std::fs::read_to_string(path.trim()) {
+            Ok(text) => text,
+            Err(e) => {
+                self.errors
+                    .push(format!("{name}: cannot read {path:?} ({e})"));
+                return None;
+            }
+        };
+        match check(&text) {
+            Ok(()) => Some(text),
+            Err(why) => {
+                self.errors.push(format!("{name}: {path:?}: {why}"));
+                None
+            }
+        }
     }
 
     fn amqp_urls(&mut self, required: bool) -> Vec<String> {
@@ -531,6 +590,53 @@ mod tests {
     }
 
     #[test]
+    fn amqp_tls_files_are_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("amqp-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        let garbage = garbage.to_str().unwrap();
+        let missing = dir.join("missing.pem");
+        let base = [
+            ("DATABASE_URL", "postgres://h/db"),
+            ("AMQP_URL", "amqps://u:p@h/%2f"),
+        ];
+        let errors = read(
+            &[
+                base[0],
+                base[1],
+                ("OUTBOX_AMQP_CA_FILE", missing.to_str().unwrap()),
+                ("OUTBOX_AMQP_CLIENT_KEY", garbage),
+            ],
+            true,
+        )
+        .unwrap_err();
+        let text = errors.join("\n");
+        assert_eq!(errors.len(), 3, "{text}");
+        assert!(text.contains("OUTBOX_AMQP_CA_FILE: cannot read"), "{text}");
+        assert!(
+            text.contains("OUTBOX_AMQP_CLIENT_KEY") && text.contains("private key"),
+            "{text}"
+        );
+        assert!(
+            text.contains("OUTBOX_AMQP_CLIENT_CERT: required with OUTBOX_AMQP_CLIENT_KEY"),
+            "{text}"
+        );
+        assert!(!text.contains("not a certificate"), "{text}");
+        let plain = [
+            base[0],
+            ("AMQP_URL", "amqps://h,amqp://h2"),
+            ("OUTBOX_AMQP_CA_FILE", garbage),
+        ];
+        let text = read(&plain, true).unwrap_err().join("\n");
+        assert!(
+            text.contains("OUTBOX_AMQP_CA_FILE") && text.contains("amqp:// entry"),
+            "{text}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn redact_hides_passwords() {
         assert_eq!(
             redact("amqp://guest:guest@host:5672/%2f"),
@@ -544,6 +650,14 @@ mod tests {
         assert_eq!(
             redact("mysql://h/db?user=app&sslpassword=s3cret"),
             "mysql://h/db?user=app&sslpassword=***"
+        );
+        assert_eq!(
+            redact("postgres://u:pw@h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem"),
+            "postgres://u:***@h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+        );
+        assert_eq!(
+            redact("mysql://u:pw@h/db?ssl-mode=VERIFY_IDENTITY&ssl-ca=/ca.pem&password=x"),
+            "mysql://u:***@h/db?ssl-mode=VERIFY_IDENTITY&ssl-ca=%2Fca.pem&password=***"
         );
     }
 }

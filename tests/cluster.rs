@@ -15,20 +15,7 @@ use common::*;
 use outbox::inbox::QueueType;
 
 fn cluster(args: &[&str]) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq-cluster.sh");
-    let out = Command::new(script)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{script} could not run ({e}): it needs bash and RabbitMQ, as root")
-        });
-    assert!(
-        out.status.success(),
-        "rabbitmq-cluster.sh {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    script("rabbitmq-cluster.sh", args)
 }
 
 /// Stops the cluster's nodes and deletes their data, even when the test fails.

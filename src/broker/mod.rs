@@ -3,10 +3,12 @@
 
 mod pipeline;
 mod properties;
+mod tls;
 
 #[cfg(test)]
 pub(crate) use pipeline::{Confirm, settle};
 pub use pipeline::{Outcome, Pipeline, Report};
+pub use tls::{AmqpTls, ClientIdentity, check_certificates, check_private_key, describe};
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -82,6 +84,8 @@ impl std::fmt::Display for PublishError {
 pub struct Nodes {
     /// The `AMQP_URL` entries, in order.
     urls: Vec<String>,
+    /// How `amqps://` connections verify the broker and present this client.
+    tls: AmqpTls,
     /// Where the next connection attempt starts.
     next: usize,
     /// The largest body the broker takes: `OUTBOX_MAX_MESSAGE_SIZE`, or less once a broker
@@ -91,10 +95,11 @@ pub struct Nodes {
 
 impl Nodes {
     /// The node list (must not be empty); bodies over `max_message_size` bytes are bad rows.
-    pub fn new(urls: Vec<String>, max_message_size: usize) -> Self {
+    pub fn new(urls: Vec<String>, tls: AmqpTls, max_message_size: usize) -> Self {
         assert!(!urls.is_empty(), "at least one AMQP URL");
         Nodes {
             urls,
+            tls,
             next: 0,
             max_message_size: Arc::new(AtomicUsize::new(max_message_size)),
         }
@@ -109,12 +114,12 @@ impl Nodes {
             self.next = (at + 1) % self.urls.len();
             let url = &self.urls[at];
             let max_size = self.max_message_size.clone();
-            match tokio::time::timeout(timeout, Publisher::open(url, max_size)).await {
+            match tokio::time::timeout(timeout, Publisher::open(url, &self.tls, max_size)).await {
                 Ok(Ok(publisher)) => {
                     tracing::info!(node = %crate::config::redact(url), "connected to the broker");
                     return Ok(publisher);
                 }
-                Ok(Err(e)) => last_error = e.to_string(),
+                Ok(Err(e)) => last_error = describe(&e),
                 Err(_) => last_error = format!("no answer within {timeout:?}"),
             }
             tracing::warn!(node = %crate::config::redact(url), error = %last_error, "broker node unavailable");
@@ -126,13 +131,18 @@ impl Nodes {
 /// Opens an AMQP connection to `url`, asking for a 10 s heartbeat (so a dead peer is noticed)
 /// and 32 KiB frames (so its buffers stay small) unless the URL sets them. Callers bound it
 /// with a timeout: a node that is shutting down can accept a TCP connection and never answer.
-pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
+/// An `amqps://` URL verifies the broker's certificate and host name with `tls`, and never
+/// falls back to plain text.
+pub async fn connect(url: &str, tls: &AmqpTls) -> Result<Connection, lapin::Error> {
     let mut uri: AMQPUri = url
         .parse()
         .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
-    Connection::connect_uri(uri, ConnectionProperties::default()).await
+    tls.choose_mechanism(url, &mut uri);
+    let runtime = lapin::runtime::default_runtime()?;
+    let options = ConnectionProperties::default();
+    Connection::connect_uri_with_config(uri, options, tls.lapin_config(), runtime).await
 }
 
 /// The broker's `max_message_size` from the reason it closed a channel for, if that was it
@@ -183,9 +193,10 @@ pub struct Publisher {
 impl Publisher {
     async fn open(
         url: &str,
+        tls: &AmqpTls,
         max_message_size: Arc<AtomicUsize>,
     ) -> Result<Arc<Self>, lapin::Error> {
-        let conn = connect(url).await?;
+        let conn = connect(url, tls).await?;
         let (blocked_tx, blocked) = watch::channel(None);
         tokio::spawn(watch_events(conn.events_listener(), blocked_tx));
         let channel = conn.create_channel().await?;

@@ -32,7 +32,7 @@ pub(super) struct DeadLetters {
 impl DeadLetters {
     /// Connects to `url`; the caller bounds it with the connect timeout.
     pub(super) async fn open(url: &str, config: &ConsumerConfig) -> Result<Self, lapin::Error> {
-        let conn = connect(url).await?;
+        let conn = connect(url, &config.tls).await?;
         let channel = confirm_channel(&conn).await?;
         Ok(DeadLetters {
             conn,

@@ -67,6 +67,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::TableName;
+use crate::broker::AmqpTls;
 
 /// The backend a [`Handler`] is for unless it says otherwise.
 #[cfg(feature = "postgres")]
@@ -123,6 +124,9 @@ pub enum QueueType {
 pub struct ConsumerConfig {
     /// The broker's nodes; after a lost connection the next one is tried first.
     pub amqp_urls: Vec<String>,
+    /// How `amqps://` nodes are verified and this consumer presents itself (the relay's
+    /// `OUTBOX_AMQP_*` settings; default: the system's roots, no client certificate).
+    pub tls: AmqpTls,
     /// The consumer's name in the inbox table (one per service and purpose).
     pub consumer: String,
     /// The queue to consume; declared with its dead-letter exchange and queue.
@@ -169,6 +173,7 @@ impl ConsumerConfig {
     ) -> Self {
         ConsumerConfig {
             amqp_urls,
+            tls: AmqpTls::default(),
             consumer: consumer.into(),
             queue: queue.into(),
             bindings: Vec::new(),

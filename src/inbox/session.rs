@@ -19,7 +19,7 @@ use super::database::Database;
 use super::dead_letter::DeadLetters;
 use super::delivery::Context;
 use super::{ConsumerConfig, Handler, QueueType};
-use crate::broker::{closed, connect, reconnect_backoff};
+use crate::broker::{closed, connect, describe, reconnect_backoff};
 use crate::config::redact;
 
 /// Inbox rows deleted per statement.
@@ -56,7 +56,7 @@ pub async fn consume<T, H, DB>(
                 session.consume(&ctx, &config, &shutdown).await;
             }
             Err(e) => {
-                tracing::warn!(consumer = %config.consumer, node = %redact(url), error = %e, "consumer connection failed: retrying");
+                tracing::warn!(consumer = %config.consumer, node = %redact(url), error = %describe(&e), "consumer connection failed: retrying");
                 let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -92,7 +92,7 @@ impl Session {
     /// Connects, declares the topology and opens the dead-letter connection; the caller
     /// bounds all of it with the connect timeout.
     async fn open(url: &str, config: &ConsumerConfig) -> Result<Self, lapin::Error> {
-        let conn = connect(url).await?;
+        let conn = connect(url, &config.tls).await?;
         let channel = conn.create_channel().await?;
         channel
             .basic_qos(config.prefetch, BasicQosOptions::default())

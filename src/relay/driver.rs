@@ -74,6 +74,7 @@ impl<S: Store> Driver<S> {
             term,
             nodes: Some(Nodes::new(
                 config.amqp_urls.clone(),
+                config.amqp_tls.clone(),
                 config.max_message_size,
             )),
             core: Leader::new(config.clone(), Instant::now().into_std()),

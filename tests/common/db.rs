@@ -211,7 +211,7 @@ pub struct Db {
     pub url: String,
     pub table: TableName,
     handle: DbHandle,
-    /// Drops the database (and on MySQL the users the test created) when the test ends.
+    /// Drops the database and the users (roles) the test created when the test ends.
     dropper: Dropper,
 }
 
@@ -346,6 +346,25 @@ impl Db {
         url.to_string()
     }
 
+    /// A URL of this database for a new user (a role on PostgreSQL) of this test that holds
+    /// only `grants`, each `(privileges, table)`: `("SELECT, UPDATE", "outbox_leader")`.
+    pub async fn url_with_grants(&self, grants: &[(&str, &str)]) -> String {
+        let user = &unique("u")[..30]; // MariaDB user names: at most 80 chars, MySQL 32
+        self.dropper.users.lock().unwrap().push(user.into());
+        let (create, to) = match self.backend {
+            Backend::Postgres => (format!("CREATE ROLE {user} LOGIN"), user.to_owned()),
+            Backend::Mysql => (format!("CREATE USER '{user}'@'%'"), format!("'{user}'@'%'")),
+        };
+        self.pool.try_execute(&create).await.unwrap();
+        for (privileges, table) in grants {
+            let grant = format!("GRANT {privileges} ON {table} TO {to}");
+            self.pool.try_execute(&grant).await.unwrap();
+        }
+        let mut url = url::Url::parse(&self.url).unwrap();
+        url.set_username(user).unwrap();
+        url.to_string()
+    }
+
     /// The PostgreSQL pool, for a PostgreSQL-only check.
     pub fn pg(&self) -> &PgPool {
         match &self.pool {
@@ -410,7 +429,7 @@ impl TestStore for MyStore {
 }
 
 /// Drops a test database, after ending the sessions still in it (one frozen in a transaction
-/// would hold the DROP), and on MySQL the users the test created.
+/// would hold the DROP), and the users (PostgreSQL: roles) the test created.
 struct Dropper {
     backend: Backend,
     name: String,
@@ -439,7 +458,10 @@ async fn drop_database(backend: Backend, name: String, users: Vec<String>) {
     };
     let mut drops = Vec::new();
     match backend {
-        Backend::Postgres => drops.push(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")),
+        Backend::Postgres => {
+            drops.push(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            drops.extend(users.iter().map(|u| format!("DROP ROLE IF EXISTS {u}")));
+        }
         Backend::Mysql => {
             let sessions: Vec<(i64,)> = admin
                 .try_rows(&format!(

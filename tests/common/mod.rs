@@ -243,6 +243,27 @@ pub async fn queue_exists(name: &str) -> bool {
     exists
 }
 
+/// Runs `scripts/<name>` with `args` (they need bash and root); its output, trimmed.
+/// Panics with the script's output when it fails.
+pub fn script(name: &str, args: &[&str]) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name);
+    let out = Command::new(&path).args(args).output().unwrap_or_else(|e| {
+        panic!(
+            "{} could not run ({e}): it needs bash, as root",
+            path.display()
+        )
+    });
+    assert!(
+        out.status.success(),
+        "{name} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// The demo binary that `cargo test` builds beside the tests.
 pub fn demo_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

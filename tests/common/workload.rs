@@ -323,7 +323,7 @@ impl Recorded {
             let url = &urls[next % urls.len()];
             next += 1;
             let consumer = async {
-                let conn = outbox::broker::connect(url).await?;
+                let conn = outbox::broker::connect(url, &Default::default()).await?;
                 let channel = conn.create_channel().await?;
                 let deliveries = channel
                     .basic_consume(
