@@ -9,9 +9,12 @@ pub use dashboard::Dashboard;
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -29,6 +32,14 @@ struct Shared {
     prometheus: PrometheusHandle,
 }
 
+/// How long a client may take to send a request's headers: a slow one would hold its
+/// connection (and a file descriptor) for as long as it likes.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long any request may take to answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request body any endpoint reads.
+const BODY_LIMIT: usize = 64 * 1024;
+
 /// Serves the endpoints on `listener` until `shutdown`.
 pub async fn serve<S: Store>(
     listener: TcpListener,
@@ -43,10 +54,61 @@ pub async fn serve<S: Store>(
         .route("/metrics", get(metrics))
         .route("/wake", post(wake))
         .with_state(Shared { health, prometheus })
-        .merge(dashboard::router(dashboard));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+        .merge(dashboard::router(dashboard))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(guard));
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: try again shortly.
+                    tracing::warn!(error = %e, "HTTP: accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        tokio::spawn(connection(stream, app.clone(), shutdown.clone()));
+    }
+}
+
+/// One client's connection: HTTP/1.1 with a deadline on its headers, ended gracefully at
+/// shutdown.
+async fn connection(stream: tokio::net::TcpStream, app: Router, shutdown: CancellationToken) {
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(app),
+        );
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Answers 413 for a declared body past [`BODY_LIMIT`] on any endpoint, whether it reads
+/// its body or not (those that do stop at the same limit), and 503 for a request that takes
+/// longer than [`REQUEST_TIMEOUT`].
+async fn guard(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response();
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "no answer in time\n").into_response(),
+    }
 }
 
 async fn alive(State(s): State<Shared>) -> Response {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,18 +18,14 @@ use super::dashboard::Dashboard;
 use crate::config::Secret;
 use crate::store::{Refusal, RetryPlan, Store, plan_retry};
 
-/// The largest request body a mutating endpoint reads.
-const BODY_LIMIT: usize = 64 * 1024;
-
 /// Dead rows per page at most.
 const MAX_PAGE: u64 = 500;
 
 /// `GET /api/dead` and `POST /api/dead/retry`.
 pub(super) fn routes<S: Store>() -> Router<Arc<Dashboard<S>>> {
-    Router::new().route("/api/dead", get(list::<S>)).route(
-        "/api/dead/retry",
-        post(retry::<S>).layer(DefaultBodyLimit::max(BODY_LIMIT)),
-    )
+    Router::new()
+        .route("/api/dead", get(list::<S>))
+        .route("/api/dead/retry", post(retry::<S>))
 }
 
 /// Which page of dead rows.

@@ -304,7 +304,8 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts a relay on `database_url`, with fast test timings unless `env` overrides them.
+    /// Starts a relay on `database_url`, with fast test timings unless `env` overrides them
+    /// (an empty value unsets the variable).
     pub fn start(database_url: &str, table: &TableName, env: &[(&str, &str)]) -> Self {
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = std::env::temp_dir().join(format!("{}.log", unique("relay")));
@@ -320,7 +321,10 @@ impl Relay {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in env {
-            cmd.env(k, v);
+            match v.is_empty() {
+                true => cmd.env_remove(k),
+                false => cmd.env(k, v),
+            };
         }
         Relay {
             child: cmd.spawn().unwrap(),
