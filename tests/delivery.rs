@@ -210,8 +210,9 @@ on_both_backends! {
         let _relay = Relay::start(&db.url, &db.table, &[]);
         queue.wait_for(1000, Duration::from_secs(10)).await;
         let first = started.elapsed();
+        // About 9 s on a quiet machine; under the whole suite's load on two cores, up to 45.
         let received = queue
-            .wait_for_distinct(all.len(), Duration::from_secs(45))
+            .wait_for_distinct(all.len(), Duration::from_secs(90))
             .await;
         println!(
             "first 1000 rows after {first:?}, all {BACKLOG} after {:?}",
