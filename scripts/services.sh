@@ -20,10 +20,11 @@ command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server mariadb-client)
 # A one-node Galera cluster for the test that the relay refuses it (scripts/galera-node.sh).
 [ -f /usr/lib/galera/libgalera_smm.so ] || missing+=(galera-4)
+# Headless Chromium and its WebDriver for the status page's browser tests.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 # Test certificates (scripts/test-certs.sh) for the TLS tests.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   apt-get update -qq
