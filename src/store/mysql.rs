@@ -45,6 +45,9 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// MySQL's error for a feature a server refuses; some Galera nodes answer `GET_LOCK` with it.
 const ER_NOT_SUPPORTED_YET: u16 = 1235;
 
+/// MySQL's error for an unknown system variable.
+const ER_UNKNOWN_SYSTEM_VARIABLE: u16 = 1193;
+
 /// Why the relay cannot lead on Galera, in one line.
 const GALERA: &str = "this server is a Galera Cluster node (wsrep_on): GET_LOCK there is refused or \
      held by one node only, so relays on two nodes could both lead; keep the outbox table on a \
@@ -246,19 +249,29 @@ impl MyStore {
     }
 
     /// A store with a small lazy pool for `url` (`mysql://` or `mariadb://`): nothing
-    /// connects until first used. Its sessions run at READ COMMITTED.
+    /// connects until first used. Its sessions run at READ COMMITTED, and on MariaDB a
+    /// session left idle inside a transaction for `OUTBOX_LEASE_TIMEOUT` is ended by the
+    /// server: a mark cut off mid-transaction by a host that vanished would otherwise hold
+    /// its share lock on `<table>_leader` for `wait_timeout` (8 h), and no standby could
+    /// raise the term.
     pub fn connect_lazy(url: &str, opts: StoreOptions) -> Result<Self> {
         let connect = connect_options(url)?;
+        let idle = opts.lease_timeout.as_secs_f64().ceil().max(1.0) as u64;
         let pool = pool_options()
             .max_connections(4)
             .min_connections(2)
             .acquire_timeout(opts.connect_timeout)
-            .after_connect(|conn, _| {
+            .after_connect(move |conn, _| {
                 Box::pin(async move {
                     sqlx::raw_sql("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                        .execute(conn)
-                        .await
-                        .map(|_| ())
+                        .execute(&mut *conn)
+                        .await?;
+                    let sql = format!("SET SESSION idle_transaction_timeout = {idle}");
+                    match sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
+                        // MySQL has no such variable (1193); its marks are fenced all the same.
+                        Err(e) if unknown_variable(&e) => Ok(()),
+                        done => done.map(drop),
+                    }
                 })
             })
             .connect_lazy_with(connect);
@@ -338,6 +351,13 @@ impl Lease for MyLease {
             dead,
         })
     }
+}
+
+/// MySQL's error for a system variable the server does not know.
+fn unknown_variable(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.try_downcast_ref::<MySqlDatabaseError>())
+        .is_some_and(|db| db.number() == ER_UNKNOWN_SYSTEM_VARIABLE)
 }
 
 /// A server refusing `GET_LOCK` is a Galera node: say so in one line, not as a database error.
