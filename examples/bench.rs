@@ -1,4 +1,4 @@
-//! Run with: `cargo run --release --example bench [-- --rows 100000 --json --only NAME --backend postgres|mysql|both]`
+//! Run with: `cargo run --release --example bench [-- --rows 100000 --json --only NAME --backend postgres|mysql|both --queue classic|quorum|both]`
 //!
 //! Figures for the relay against the broker's own ceiling, measured in the same run on the
 //! local RabbitMQ (`AMQP_URL`), PostgreSQL (`BENCH_PG`) and MySQL or MariaDB (`BENCH_MYSQL`,
@@ -107,6 +107,8 @@ struct Args {
     backends: Vec<Backend>,
     /// How long the relay idles before the quiet scenario's row.
     quiet: Duration,
+    /// The queue kinds the drains run on.
+    queues: Vec<QueueKind>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -117,6 +119,7 @@ fn args() -> anyhow::Result<Args> {
         only: None,
         backends: vec![Backend::Postgres, Backend::Mysql],
         quiet: Duration::from_secs(60),
+        queues: vec![QueueKind::Classic, QueueKind::Quorum],
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -133,6 +136,14 @@ fn args() -> anyhow::Result<Args> {
                     other => bail!("--backend needs postgres, mysql or both, not {other:?}"),
                 }
             }
+            "--queue" => {
+                a.queues = match it.next().as_deref() {
+                    Some("classic") => vec![QueueKind::Classic],
+                    Some("quorum") => vec![QueueKind::Quorum],
+                    Some("both") => vec![QueueKind::Classic, QueueKind::Quorum],
+                    other => bail!("--queue needs classic, quorum or both, not {other:?}"),
+                }
+            }
             "--quiet-secs" => {
                 let secs = it.next().context("--quiet-secs needs a number")?.parse()?;
                 a.quiet = Duration::from_secs(secs);
@@ -140,7 +151,7 @@ fn args() -> anyhow::Result<Args> {
             other => bail!(
                 "unknown argument {other:?} (expected --rows N, --rounds N, --json, \
                  --only raw|drain|scale|latency|idle|quiet|inbox|telemetry, \
-                 --backend postgres|mysql|both, --quiet-secs N)"
+                 --backend postgres|mysql|both, --queue classic|quorum|both, --quiet-secs N)"
             ),
         }
     }
@@ -308,7 +319,7 @@ fn ratio_spread(ratios: &[f64]) -> [(&'static str, f64); 3] {
 async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     let n = b.args.rows;
     let drain_target = Target::at_least("ratio_to_raw", 0.8);
-    for kind in [QueueKind::Classic, QueueKind::Quorum] {
+    for &kind in &b.args.queues {
         let bare = raw_ceiling(&b.conn, kind, n, Messages::Bare).await?;
         report.row(
             &format!("raw ceiling, bare messages, {} queue", kind.name()),

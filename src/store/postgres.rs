@@ -316,7 +316,9 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, limit: usize, from: i64, held: &[i64], bytes: usize) -> Result<Claimed> {
-        let (sql, held) = (self.sql.claim.clone(), held.to_vec());
+        // Only the held rows the claim could return: ids below `from` never are.
+        let held: Vec<i64> = held.iter().copied().filter(|&id| id >= from).collect();
+        let sql = self.sql.claim.clone();
         self.within(move |conn| {
             let rows = sqlx::query_as(sql)
                 .bind(from)
