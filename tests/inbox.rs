@@ -592,6 +592,52 @@ on_both_backends! {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_deliveries_are_dead_lettered_with_their_reason_and_the_rest_applied_once(
+        backend: Backend,
+    ) {
+        let mut s = setup(backend).await;
+        s.config.prefetch_bytes = 64 * 1024;
+        let handler = Effects::default();
+        let _stop = s.start(handler.clone());
+        s.wait_for_queue().await;
+        // Valid JSON of the right shape, but larger than the whole byte budget.
+        let big = format!(r#"{{"n": 1, "pad": "{}"}}"#, "a".repeat(100 * 1024));
+        s.publish(Some("too-big"), big.as_bytes()).await;
+        s.publish(Some("binary"), b"\xff\xfe\x00 not JSON").await;
+        // The longest message id AMQP carries (a short string: 255 bytes), multi-byte, twice.
+        let longest = format!("{}x", "\u{e9}".repeat(127));
+        assert_eq!(longest.len(), 255);
+        s.publish_n(&longest, 2).await;
+        s.publish_n(&longest, 2).await;
+        // Bodies of 10 KiB: a batch holds one of them (16 KiB each, for 4 batches at once).
+        let pad = "b".repeat(10 * 1024);
+        for n in 0..20 {
+            let body = format!(r#"{{"n": {n}, "pad": "{pad}"}}"#);
+            s.publish(Some(&format!("m-{n}")), body.as_bytes()).await;
+        }
+        s.publish_n("last", 99).await;
+        s.wait_for_effects(22).await;
+        let dead = s.wait_for_dead_letters(2).await;
+        assert_eq!(ids(&dead), HashSet::from(["too-big".into(), "binary".into()]));
+        let reason = |id: &str| {
+            let one = |d: &&lapin::message::BasicGetMessage| ids(std::slice::from_ref(*d)).contains(id);
+            error_header(dead.iter().find(one).unwrap())
+        };
+        let expected = format!(
+            "the body ({} bytes) is larger than the inbox takes (prefetch_bytes 65536)",
+            big.len()
+        );
+        assert!(reason("too-big").contains(&expected), "{}", reason("too-big"));
+        assert!(reason("binary").contains("not the expected JSON"), "{}", reason("binary"));
+        assert_eq!(s.effects(&longest).await, 1);
+        for n in 0..20 {
+            assert_eq!(s.effects(&format!("m-{n}")).await, 1, "m-{n}");
+        }
+        assert_eq!(s.total("outbox_inbox").await, 22);
+        assert!(!handler.calls.lock().unwrap().contains_key("too-big"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn outbox_rows_written_by_a_handler_exist_only_if_its_transaction_commits(
         backend: Backend,
     ) {

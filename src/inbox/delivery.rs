@@ -47,6 +47,8 @@ pub(super) struct Context<DB: Database, T, H> {
     handler: H,
     /// Handler attempts before dead-lettering.
     max_attempts: u32,
+    /// Bodies larger than this are dead-lettered unread.
+    prefetch_bytes: usize,
     /// Retry delays.
     retry: ExponentialBuilder,
     /// One transaction at most, from acquiring its connection to its commit.
@@ -75,6 +77,7 @@ where
             sql: DB::statements(config),
             handler,
             max_attempts: config.max_attempts.max(1),
+            prefetch_bytes: config.prefetch_bytes,
             retry: ExponentialBuilder::default()
                 .with_min_delay(config.retry_min)
                 .with_max_delay(config.retry_max)
@@ -194,6 +197,13 @@ where
 
     /// The message id and decoded body, or why the delivery can never be applied.
     fn parse(&self, delivery: &Delivery) -> Result<Incoming<T>, String> {
+        if delivery.data.len() > self.prefetch_bytes {
+            return Err(format!(
+                "the body ({} bytes) is larger than the inbox takes (prefetch_bytes {})",
+                delivery.data.len(),
+                self.prefetch_bytes
+            ));
+        }
         let message_id = delivery
             .properties
             .message_id()

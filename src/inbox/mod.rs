@@ -12,8 +12,9 @@
 //!
 //! A handler that fails is retried with capped backoff up to `max_attempts`, then the
 //! message goes to the dead-letter queue `<queue>.dead` with the error and the attempt count
-//! in its headers (`x-outbox-error`, `x-outbox-attempts`); a delivery without a message id
-//! or whose body is not the expected JSON goes there at once. Transient database errors
+//! in its headers (`x-outbox-error`, `x-outbox-attempts`); a delivery without a message id,
+//! whose body is larger than `prefetch_bytes`, or whose body is not the expected JSON goes
+//! there at once. Transient database errors
 //! (serialization failures, deadlocks, lock wait timeouts, lost connections, a transaction
 //! past `transaction_timeout`) are retried without counting.
 //!
@@ -55,6 +56,7 @@
 //! are published on a second connection for the same reason.
 
 mod apply_error;
+mod batches;
 mod database;
 mod dead_letter;
 mod delivery;
@@ -139,6 +141,12 @@ pub struct ConsumerConfig {
     pub connect_timeout: Duration,
     /// Unacked deliveries the broker sends ahead (default 512).
     pub prefetch: u16,
+    /// The bytes of message bodies being handled at once, all batches together (default
+    /// 16 MiB): a batch stops short of the delivery that would take it past its share. A
+    /// body larger than this can never be handled: it is dead-lettered with its size. The
+    /// deliveries the broker sent ahead wait in the client beside these: `prefetch` times the
+    /// broker's `max_message_size` bounds them.
+    pub prefetch_bytes: usize,
     /// Batches handled at once (default 4; 1 keeps the queue's order).
     pub concurrency: usize,
     /// Deliveries applied in one transaction at most (default 128): those already received
@@ -180,6 +188,7 @@ impl ConsumerConfig {
             queue_type: QueueType::Quorum,
             connect_timeout: Duration::from_secs(10),
             prefetch: 512,
+            prefetch_bytes: 16 * 1024 * 1024,
             concurrency: 4,
             batch: 128,
             max_attempts: 5,

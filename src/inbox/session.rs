@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -15,6 +16,7 @@ use serde::de::DeserializeOwned;
 use sqlx::Pool;
 use tokio_util::sync::CancellationToken;
 
+use super::batches::Batches;
 use super::database::Database;
 use super::dead_letter::DeadLetters;
 use super::delivery::Context;
@@ -119,10 +121,11 @@ impl Session {
         H: Handler<T, DB>,
     {
         if let Some(consumer) = self.start(config).await {
-            consumer
-                .take_until(self.ended(config, shutdown))
-                .ready_chunks(config.batch.max(1))
-                .for_each_concurrent(config.concurrency.max(1), |chunk| async {
+            let concurrency = config.concurrency.max(1);
+            let deliveries = Box::pin(consumer.take_until(self.ended(config, shutdown)));
+            let body = |d: &Result<Delivery, lapin::Error>| d.as_ref().map_or(0, |d| d.data.len());
+            Batches::new(deliveries, config.batch, config.prefetch_bytes / concurrency, body)
+                .for_each_concurrent(concurrency, |chunk| async {
                     let mut deliveries = Vec::with_capacity(chunk.len());
                     for delivery in chunk {
                         match delivery {
