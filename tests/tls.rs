@@ -2,7 +2,8 @@
 //! listener (`scripts/rabbitmq-tls.sh`) and PostgreSQL serving the CA's certificate
 //! ([`PgTls`]). With the right CA the relay publishes over `amqps://` (logging in with its
 //! client certificate: EXTERNAL) from PostgreSQL over `verify-full`, and an inbox consumer
-//! reads over `amqps://`; with the wrong CA or a host name the certificate does not name,
+//! reads over `amqps://`; with the wrong CA (even when the broker's CA is among the system's
+//! roots: `OUTBOX_AMQP_CA_FILE` replaces them) or a host name the certificate does not name,
 //! nothing connects and the log says why. MySQL: `ssl-mode=VERIFY_CA` against a server
 //! without TLS fails rather than falling back to plain text.
 
@@ -302,22 +303,25 @@ async fn refused_with_the_wrong_ca_or_host_name(certs: &Path) {
     let db = Db::new(Backend::Postgres).await;
     let (ca, wrong) = (certs.join("ca.pem"), certs.join("wrong-ca.pem"));
     db.insert_row(&Row::new("k", json!({"n": 1}))).await;
+    // The system's roots: the host's, or what SSL_CERT_FILE and SSL_CERT_DIR name (an empty
+    // value unsets a variable). With the broker's CA among them, OUTBOX_AMQP_CA_FILE must
+    // still replace them.
+    let ca_text = ca.to_str().unwrap();
+    let host_roots: &[(&str, &str)] = &[];
+    let ca_in_roots: &[(&str, &str)] = &[("SSL_CERT_FILE", ca_text), ("SSL_CERT_DIR", "")];
     let cases = [
-        ("localhost", &wrong, "unknown CA"),
-        ("127.0.0.2", &ca, "host name mismatch"),
+        ("localhost", &wrong, host_roots, "unknown CA"),
+        ("localhost", &wrong, ca_in_roots, "unknown CA"),
+        ("127.0.0.2", &ca, host_roots, "host name mismatch"),
     ];
-    for (host, ca, reason) in cases {
-        let relay = Relay::start(
-            &db.url,
-            &db.table,
-            &[
-                (
-                    "AMQP_URL",
-                    &format!("amqps://guest:guest@{host}:{AMQPS}/%2f"),
-                ),
-                ("OUTBOX_AMQP_CA_FILE", ca.to_str().unwrap()),
-            ],
-        );
+    for (host, ca, roots, reason) in cases {
+        let url = format!("amqps://guest:guest@{host}:{AMQPS}/%2f");
+        let mut env = vec![
+            ("AMQP_URL", url.as_str()),
+            ("OUTBOX_AMQP_CA_FILE", ca.to_str().unwrap()),
+        ];
+        env.extend_from_slice(roots);
+        let relay = Relay::start(&db.url, &db.table, &env);
         eventually(reason, Duration::from_secs(30), || async {
             relay.log_text().contains(reason)
         })

@@ -18,8 +18,9 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::tcp::AMQPUriTcpExt;
 use lapin::types::FieldTable;
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind};
 use tokio::sync::{Mutex, watch};
 
@@ -142,7 +143,20 @@ pub async fn connect(url: &str, tls: &AmqpTls) -> Result<Connection, lapin::Erro
     tls.choose_mechanism(url, &mut uri);
     let runtime = lapin::runtime::default_runtime()?;
     let options = ConnectionProperties::default();
-    Connection::connect_uri_with_config(uri, options, tls.lapin_config(), runtime).await
+    match tls.private_ca_connector()? {
+        Some(connector) if uri.scheme == AMQPScheme::AMQPS => {
+            let open = async move |uri: AMQPUri, runtime| {
+                let tcp = AMQPUri {
+                    scheme: AMQPScheme::AMQP,
+                    ..uri.clone()
+                };
+                let stream = tcp.connect_async(&runtime).await?;
+                Ok(stream.into_rustls(&connector, &uri.authority.host).await?)
+            };
+            Connection::connector(uri, runtime, open, options).await
+        }
+        _ => Connection::connect_uri_with_config(uri, options, tls.lapin_config(), runtime).await,
+    }
 }
 
 /// The broker's `max_message_size` from the reason it closed a channel for, if that was it

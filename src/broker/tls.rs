@@ -1,7 +1,7 @@
 //! TLS to the broker: the private CA and client certificate an `amqps://` connection uses,
 //! the EXTERNAL mechanism a client certificate allows, and failed verifications in words.
 
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig, RustlsConnector, RustlsConnectorConfig};
 use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -13,8 +13,8 @@ use crate::config::Secret;
 /// the system's roots and presents no certificate.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AmqpTls {
-    /// `OUTBOX_AMQP_CA_FILE`: PEM certificates of a private CA the broker's certificate may be
-    /// signed by (trusted beside the system's roots).
+    /// `OUTBOX_AMQP_CA_FILE`: PEM certificates of the private CA that signed the broker's
+    /// certificate: trusted instead of the system's roots.
     pub ca: Option<String>,
     /// `OUTBOX_AMQP_CLIENT_CERT` and `OUTBOX_AMQP_CLIENT_KEY`: this client's certificate,
     /// presented to a broker that asks for one.
@@ -31,14 +31,33 @@ pub struct ClientIdentity {
 }
 
 impl AmqpTls {
-    /// lapin's form of these settings.
+    /// With a private CA, a connector that trusts its certificates alone (lapin's own adds
+    /// them to the system's roots), presenting the client certificate if one is set.
+    pub(crate) fn private_ca_connector(&self) -> std::io::Result<Option<RustlsConnector>> {
+        let Some(ca) = &self.ca else {
+            return Ok(None);
+        };
+        let mut config = RustlsConnectorConfig::default();
+        config.add_parsable_certificates(pem_certificates(ca)?);
+        let connector = match &self.client {
+            Some(client) => {
+                let key = PrivateKeyDer::from_pem_slice(client.key.expose().as_bytes())
+                    .map_err(std::io::Error::other)?;
+                config.connector_with_single_cert(pem_certificates(&client.cert)?, key)?
+            }
+            None => config.connector_with_no_client_auth()?,
+        };
+        Ok(Some(connector))
+    }
+
+    /// lapin's form of these settings, without a private CA.
     pub(crate) fn lapin_config(&self) -> OwnedTLSConfig {
         OwnedTLSConfig {
             identity: self.client.as_ref().map(|c| OwnedIdentity::PKCS8 {
                 pem: c.cert.clone().into_bytes(),
                 key: c.key.expose().as_bytes().to_vec(),
             }),
-            cert_chain: self.ca.clone(),
+            cert_chain: None,
         }
     }
 
@@ -55,10 +74,16 @@ impl AmqpTls {
     }
 }
 
+/// The certificates in `pem`.
+fn pem_certificates(pem: &str) -> std::io::Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(std::io::Error::other)
+}
+
 /// Checks that `pem` holds at least one certificate.
 pub fn check_certificates(pem: &str) -> Result<(), String> {
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
-    match certs {
+    match CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>() {
         Ok(certs) if !certs.is_empty() => Ok(()),
         Ok(_) => Err("no PEM certificate in it".into()),
         Err(e) => Err(format!("not a valid PEM certificate ({e})")),
@@ -104,7 +129,8 @@ fn certificate_error(error: &(dyn std::error::Error + 'static)) -> Option<String
 fn reason(error: &CertificateError) -> String {
     match error {
         CertificateError::UnknownIssuer => {
-            "unknown CA (signed by none of OUTBOX_AMQP_CA_FILE and the system's roots)".into()
+            "unknown CA (not signed by OUTBOX_AMQP_CA_FILE's CA, or without it the system's roots)"
+                .into()
         }
         CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
             format!("host name mismatch ({error})")
