@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs (Debian packages) and starts what outbox's tests and demo need, where missing:
 # PostgreSQL on 127.0.0.1:5432 (user postgres, trust on loopback), MariaDB on 127.0.0.1:3306
-# (root without a password; galera-4 beside it, for scripts/galera-node.sh) and RabbitMQ on
+# (root without a password; galera-4 beside it, for scripts/mariadb-node.sh) and RabbitMQ on
 # 127.0.0.1:5672 (guest/guest), and headless Chromium with its WebDriver (/usr/bin/chromium,
 # /usr/bin/chromedriver) for the status page's browser tests. Safe to run again: it only acts
 # on what is absent or down.
@@ -18,7 +18,7 @@ missing=()
 command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql postgresql-client)
 command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server mariadb-client)
-# A one-node Galera cluster for the test that the relay refuses it (scripts/galera-node.sh).
+# A one-node Galera cluster for the test that the relay refuses it (scripts/mariadb-node.sh).
 [ -f /usr/lib/galera/libgalera_smm.so ] || missing+=(galera-4)
 # Headless Chromium and its WebDriver for the status page's browser tests.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

@@ -235,50 +235,12 @@ async fn the_binary_takes_mariadb_urls() {
     assert_eq!(m[0].message_id, id);
 }
 
-/// A one-node Galera cluster of its own (`scripts/galera-node.sh`), stopped and deleted when
-/// dropped.
-struct GaleraNode {
-    dir: String,
-    port: u16,
-}
-
-impl GaleraNode {
-    fn start() -> Self {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/galera-node.sh");
-        let dir = std::env::temp_dir()
-            .join(unique("galera"))
-            .display()
-            .to_string();
-        let (port, gcomm) = (free_port(), free_port());
-        let started = std::process::Command::new(script)
-            .args(["start", &dir, &port.to_string(), &gcomm.to_string()])
-            .output()
-            .expect("scripts/galera-node.sh runs");
-        let node = GaleraNode { dir, port };
-        assert!(
-            started.status.success(),
-            "a Galera node did not start (scripts/services.sh installs galera-4): {}",
-            String::from_utf8_lossy(&started.stderr)
-        );
-        node
-    }
-}
-
-impl Drop for GaleraNode {
-    fn drop(&mut self) {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/galera-node.sh");
-        let _ = std::process::Command::new(script)
-            .args(["stop", &self.dir])
-            .status();
-    }
-}
-
 /// On a Galera node MariaDB 10.11 grants `GET_LOCK` on that node alone (others refuse it):
 /// relays on two nodes would both lead. The relay exits 1 saying so in one line, and
 /// publishes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_on_a_galera_node_exits_saying_so_in_one_line() {
-    let node = GaleraNode::start();
+    let node = MariadbNode::galera();
     let url = format!("mysql://root@127.0.0.1:{}/outbox", node.port);
     let migrated = outbox_bin()
         .arg("migrate")

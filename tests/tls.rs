@@ -4,7 +4,9 @@
 //! client certificate: EXTERNAL) from PostgreSQL over `verify-full`, and an inbox consumer
 //! reads over `amqps://`; with the wrong CA (even when the broker's CA is among the system's
 //! roots: `OUTBOX_AMQP_CA_FILE` replaces them) or a host name the certificate does not name,
-//! nothing connects and the log says why. MySQL: `ssl-mode=VERIFY_CA` against a server
+//! nothing connects and the log says why. MySQL: a MariaDB of the test's own requiring TLS
+//! (`scripts/mariadb-node.sh`) is reached over `ssl-mode=VERIFY_IDENTITY` by the CLI, the
+//! library and the relay, never with the wrong CA; `ssl-mode=VERIFY_CA` against a server
 //! without TLS fails rather than falling back to plain text.
 
 mod common;
@@ -22,7 +24,7 @@ use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use outbox::broker::AmqpTls;
 use outbox::inbox::{ConsumerConfig, Handler, HandlerError, Incoming, QueueType, consume};
 use serde_json::json;
-use sqlx::{PgConnection, Postgres};
+use sqlx::{Connection as _, PgConnection, Postgres};
 use tokio_util::sync::CancellationToken;
 
 /// The TLS node's AMQPS port; its plain one (for setting up) is 5690.
@@ -348,29 +350,67 @@ async fn refused_with_the_wrong_ca_or_host_name(certs: &Path) {
     assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
 }
 
-/// MariaDB here serves no TLS (enabling it needs a restart of the shared server): a URL
-/// that asks to verify the server's certificate fails, naming TLS, rather than falling back.
-#[tokio::test]
-async fn mysql_verify_ca_never_falls_back_to_plain_text() {
-    let db = Db::new(Backend::Mysql).await;
+/// MariaDB requiring TLS with the test CA's certificate (a server of the test's own, as the
+/// machine's serves none): over `ssl-mode=VERIFY_IDENTITY` with the right CA, `outbox
+/// migrate`, `outbox status`, the library's enqueue and the relay all work and the row is
+/// delivered; with the wrong CA nothing connects and the error names the certificate; and a
+/// URL that asks to verify a server without TLS (the machine's MariaDB) fails rather than
+/// falling back to plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_over_verify_identity_delivers_and_never_falls_back_to_plain_text() {
     let certs = std::env::temp_dir().join(unique("certs"));
     script("test-certs.sh", &[certs.to_str().unwrap()]);
-    let url = format!(
+    let node = MariadbNode::tls(&certs);
+    let url = |ca: &str, mode: &str| {
+        let ca = certs.join(ca);
+        format!(
+            "mysql://root@localhost:{}/outbox?ssl-mode={mode}&ssl-ca={}",
+            node.port,
+            ca.display()
+        )
+    };
+    let outbox = |url: &str, args: &[&str]| {
+        let out = outbox_bin().args(args).env("DATABASE_URL", url).output();
+        let out = out.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stderr)
+    };
+    let verified = url("ca.pem", "VERIFY_IDENTITY");
+    assert_eq!(outbox(&verified, &["migrate"]), (Some(0), String::new()));
+    let (code, stderr) = outbox(&verified, &["status"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    // The server refuses plain text; the wrong CA is refused by the client.
+    let plain = format!(
+        "mysql://root@127.0.0.1:{}/outbox?ssl-mode=DISABLED",
+        node.port
+    );
+    let (code, stderr) = outbox(&plain, &["status"]);
+    assert_eq!(code, Some(1), "plain text was let in: {stderr}");
+    let (code, stderr) = outbox(&url("wrong-ca.pem", "VERIFY_IDENTITY"), &["status"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+
+    let queue = TestQueue::new().await;
+    let message = outbox::Message::new(&queue.name, &json!({"over": "tls"})).unwrap();
+    let mut conn = sqlx::MySqlConnection::connect(&verified).await.unwrap();
+    outbox::enqueue(&mut conn, &message).await.unwrap();
+    let _relay = Relay::start(&verified, &outbox::TableName::default(), &[]);
+    let received = queue.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(received[0].message_id, message.message_id.to_string());
+
+    // The machine's MariaDB serves no TLS: asked to verify it, the binary fails, naming TLS.
+    let db = Db::new(Backend::Mysql).await;
+    let unverifiable = format!(
         "{}?ssl-mode=VERIFY_CA&ssl-ca={}",
         db.url,
         certs.join("ca.pem").display()
     );
-    let out = db
-        .outbox()
-        .env("DATABASE_URL", &url)
-        .arg("status")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = outbox(&unverifiable, &["status"]);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.to_lowercase().contains("tls") || stderr.contains("SSL"),
         "{stderr}"
     );
+    drop(node);
     let _ = std::fs::remove_dir_all(certs);
 }

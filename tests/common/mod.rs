@@ -296,6 +296,47 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A MariaDB server of the test's own (`scripts/mariadb-node.sh`): a one-node Galera cluster
+/// or one that requires TLS; stopped and its data deleted when dropped.
+pub struct MariadbNode {
+    dir: String,
+    /// Its SQL port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl MariadbNode {
+    /// A one-node Galera cluster.
+    pub fn galera() -> Self {
+        Self::start("galera", &free_port().to_string())
+    }
+
+    /// A server that requires TLS, with `certs`' server certificate (`scripts/test-certs.sh`).
+    pub fn tls(certs: &std::path::Path) -> Self {
+        Self::start("tls", certs.to_str().unwrap())
+    }
+
+    fn start(kind: &str, arg: &str) -> Self {
+        let dir = std::env::temp_dir()
+            .join(unique("mariadb"))
+            .display()
+            .to_string();
+        let port = free_port();
+        let node = MariadbNode { dir, port };
+        script(
+            "mariadb-node.sh",
+            &["start", &node.dir, &port.to_string(), kind, arg],
+        );
+        node
+    }
+}
+
+impl Drop for MariadbNode {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/mariadb-node.sh");
+        let _ = Command::new(script).args(["stop", &self.dir]).status();
+    }
+}
+
 /// An `outbox relay` child process with its own HTTP port; killed when dropped.
 pub struct Relay {
     pub child: Child,
