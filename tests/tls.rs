@@ -221,7 +221,7 @@ async fn relay_and_consumer_verify_the_broker_and_postgresql() {
     let certs = PathBuf::from(tls_node(&["certs"]));
     let _pg = PgTls::switch(&certs);
     delivered_with_the_right_ca(&certs).await;
-    refused_with_the_wrong_ca_or_host_name(&certs).await;
+    refused_with_the_wrong_ca_host_name_or_an_expired_certificate(&certs).await;
 }
 
 /// The relay publishes over amqps (EXTERNAL, with its client certificate) from PostgreSQL
@@ -298,10 +298,41 @@ async fn delivered_with_the_right_ca(certs: &Path) {
     consumer.await.unwrap();
 }
 
-/// A relay whose CA did not sign the broker's certificate, or that reaches the broker by a
-/// name its certificate does not hold, never connects, says why and stays not ready; so does
-/// a database URL with the wrong CA.
-async fn refused_with_the_wrong_ca_or_host_name(certs: &Path) {
+/// `openssl s_server` presenting `expired.pem`; killed when dropped.
+struct ExpiredPeer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl ExpiredPeer {
+    fn start(certs: &Path) -> Self {
+        let port = free_port();
+        let child = Command::new("openssl")
+            .args(["s_server", "-quiet", "-accept"])
+            .arg(port.to_string())
+            .arg("-cert")
+            .arg(certs.join("expired.pem"))
+            .arg("-key")
+            .arg(certs.join("expired.key"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl runs (scripts/services.sh installs it)");
+        ExpiredPeer { child, port }
+    }
+}
+
+impl Drop for ExpiredPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A relay whose CA did not sign the broker's certificate, that reaches the broker by a
+/// name its certificate does not hold, or that is shown an expired certificate, never
+/// connects, says why and stays not ready; so does a database URL with the wrong CA.
+async fn refused_with_the_wrong_ca_host_name_or_an_expired_certificate(certs: &Path) {
     let db = Db::new(Backend::Postgres).await;
     let (ca, wrong) = (certs.join("ca.pem"), certs.join("wrong-ca.pem"));
     db.insert_row(&Row::new("k", json!({"n": 1}))).await;
@@ -311,13 +342,16 @@ async fn refused_with_the_wrong_ca_or_host_name(certs: &Path) {
     let ca_text = ca.to_str().unwrap();
     let host_roots: &[(&str, &str)] = &[];
     let ca_in_roots: &[(&str, &str)] = &[("SSL_CERT_FILE", ca_text), ("SSL_CERT_DIR", "")];
+    // A TLS peer presenting a certificate of the right CA and name that has expired.
+    let expired = ExpiredPeer::start(certs);
     let cases = [
-        ("localhost", &wrong, host_roots, "unknown CA"),
-        ("localhost", &wrong, ca_in_roots, "unknown CA"),
-        ("127.0.0.2", &ca, host_roots, "host name mismatch"),
+        ("localhost", AMQPS, &wrong, host_roots, "unknown CA"),
+        ("localhost", AMQPS, &wrong, ca_in_roots, "unknown CA"),
+        ("127.0.0.2", AMQPS, &ca, host_roots, "host name mismatch"),
+        ("localhost", expired.port, &ca, host_roots, "expired"),
     ];
-    for (host, ca, roots, reason) in cases {
-        let url = format!("amqps://guest:guest@{host}:{AMQPS}/%2f");
+    for (host, port, ca, roots, reason) in cases {
+        let url = format!("amqps://guest:guest@{host}:{port}/%2f");
         let mut env = vec![
             ("AMQP_URL", url.as_str()),
             ("OUTBOX_AMQP_CA_FILE", ca.to_str().unwrap()),
