@@ -37,6 +37,10 @@ struct Shared {
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long any request may take to answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a response may wait for a client that does not read it: the connection is then
+/// closed (a client that stopped reading holds a task and its response forever otherwise).
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request body any endpoint reads.
 const BODY_LIMIT: usize = 64 * 1024;
 
@@ -74,14 +78,16 @@ pub async fn serve<S: Store>(
     }
 }
 
-/// One client's connection: HTTP/1.1 with a deadline on its headers, ended gracefully at
-/// shutdown.
+/// One client's connection: HTTP/1.1 with deadlines on its headers and on each write, ended
+/// gracefully at shutdown (what it is writing then has the write deadline too).
 async fn connection(stream: tokio::net::TcpStream, app: Router, shutdown: CancellationToken) {
+    let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(WRITE_STALL_TIMEOUT));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(
-            hyper_util::rt::TokioIo::new(stream),
+            hyper_util::rt::TokioIo::new(Box::pin(stream)),
             hyper_util::service::TowerToHyperService::new(app),
         );
     tokio::pin!(conn);

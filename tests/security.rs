@@ -1,6 +1,6 @@
 //! Secrets and the HTTP side: URLs and the admin token read from mounted files, no secret in
-//! any output of a run that fails in several ways, and an HTTP server that a slow or greedy
-//! client cannot hold.
+//! any output of a run that fails in several ways, and an HTTP server that a slow, greedy or
+//! non-reading client cannot hold.
 
 mod common;
 
@@ -220,6 +220,55 @@ async fn a_slow_or_greedy_client_cannot_hold_the_http_side() {
         let (code, _) = http_post_json(relay.http, path, "t", &body).await;
         assert_eq!(code, 413, "{path}");
     }
+}
+
+/// A client that asks for many responses and reads none is cut off once a write has waited
+/// 10 s, rather than holding its connection and the responses forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let db = Db::new(Backend::Postgres).await;
+    let relay = Relay::start(&db.url, &db.table, &[]);
+    eventually("the HTTP side", Duration::from_secs(20), || async {
+        relay.get("/healthz").await.0 == 200
+    })
+    .await;
+    let guide = relay.get("/docs/operations.md").await.1.len();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(relay.http).await.unwrap();
+    let port = client.local_addr().unwrap().port();
+    // 500 pipelined requests for the operations guide: far more than the socket buffers
+    // hold, so the server's writes stall.
+    let requests = "GET /docs/operations.md HTTP/1.1\r\nHost: x\r\n\r\n".repeat(500);
+    client.write_all(requests.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    eventually(
+        "the server to close a connection whose client reads nothing",
+        Duration::from_secs(30),
+        || async { !established(port) },
+    )
+    .await;
+    println!(
+        "a client reading nothing: cut off after {:?}",
+        started.elapsed()
+    );
+    let mut read = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut read)).await;
+    assert!(
+        read.len() < 500 * guide,
+        "the whole answer arrived ({} bytes)",
+        read.len()
+    );
+}
+
+/// Whether this machine has an established TCP connection from local port `port`.
+fn established(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = fields[1].rsplit(':').next().unwrap();
+        u16::from_str_radix(local_port, 16) == Ok(port) && fields[3] == "01"
+    })
 }
 
 /// A POST with a JSON body and a bearer token; (status, body).
