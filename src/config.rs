@@ -193,7 +193,7 @@ impl Config {
                     .map(Some)
                     .map_err(|_| format!("expected HOST:PORT such as 0.0.0.0:8787, got {s:?}"))
             }),
-            app_id: var("OUTBOX_APP_ID").filter(|s| !s.is_empty()),
+            app_id: r.app_id(),
             batch_size: r.positive("OUTBOX_BATCH_SIZE", d.batch_size),
             max_in_flight: r.positive("OUTBOX_MAX_IN_FLIGHT", d.max_in_flight),
             max_in_flight_bytes: r.parse(
@@ -308,10 +308,17 @@ impl Reader<'_> {
         }
     }
 
+    /// A duration of at most a century: the relay adds them to clock readings, which a
+    /// duration near `u64::MAX` seconds (humantime parses those) overflows.
     fn duration(&mut self, name: &str, default: Duration) -> Duration {
-        self.parse(name, default, |s| {
-            humantime::parse_duration(s)
-                .map_err(|_| format!("expected a duration such as 500ms, 5s or 7d, got {s:?}"))
+        // humantime's year: 365.25 days.
+        const CENTURY: Duration = Duration::from_secs(100 * 31_557_600);
+        self.parse(name, default, |s| match humantime::parse_duration(s) {
+            Ok(d) if d <= CENTURY => Ok(d),
+            Ok(_) => Err(format!("at most 100 years, got {s:?}")),
+            Err(_) => Err(format!(
+                "expected a duration such as 500ms, 5s or 7d, got {s:?}"
+            )),
         })
     }
 
@@ -383,6 +390,18 @@ impl Reader<'_> {
             1..=255 => Ok(s.to_owned()),
             _ => Err("at most 255 bytes".into()),
         })
+    }
+
+    /// `OUTBOX_APP_ID`, as given (unset or empty: none); at most 255 bytes, an AMQP short
+    /// string.
+    fn app_id(&mut self) -> Option<String> {
+        let app_id = (self.var)("OUTBOX_APP_ID").filter(|s| !s.is_empty())?;
+        if app_id.len() > 255 {
+            self.errors
+                .push("OUTBOX_APP_ID: at most 255 bytes (an AMQP short string)".into());
+            return None;
+        }
+        Some(app_id)
     }
 
     /// `OUTBOX_ADMIN_TOKEN` or the content of `OUTBOX_ADMIN_TOKEN_FILE` (trailing newline
@@ -659,5 +678,302 @@ mod tests {
             redact("mysql://u:pw@h/db?ssl-mode=VERIFY_IDENTITY&ssl-ca=/ca.pem&password=x"),
             "mysql://u:***@h/db?ssl-mode=VERIFY_IDENTITY&ssl-ca=%2Fca.pem&password=***"
         );
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use std::cell::RefCell;
+        use std::collections::{BTreeMap, BTreeSet};
+        use std::net::IpAddr;
+
+        /// Every variable `from_vars` reads.
+        const VARS: [&str; 31] = [
+            "DATABASE_URL",
+            "DATABASE_URL_FILE",
+            "AMQP_URL",
+            "AMQP_URL_FILE",
+            "OUTBOX_TABLE",
+            "OUTBOX_RETENTION",
+            "OUTBOX_DEDUP_WINDOW",
+            "OUTBOX_QUERY_TIMEOUT",
+            "OUTBOX_LOG_FORMAT",
+            "OUTBOX_REPLICA_ID",
+            "OUTBOX_AMQP_CA_FILE",
+            "OUTBOX_AMQP_CLIENT_CERT",
+            "OUTBOX_AMQP_CLIENT_KEY",
+            "OUTBOX_HTTP_ADDR",
+            "OUTBOX_APP_ID",
+            "OUTBOX_BATCH_SIZE",
+            "OUTBOX_MAX_IN_FLIGHT",
+            "OUTBOX_MAX_IN_FLIGHT_BYTES",
+            "OUTBOX_MAX_MESSAGE_SIZE",
+            "OUTBOX_POLL_INTERVAL",
+            "OUTBOX_CONFIRM_TIMEOUT",
+            "OUTBOX_CONNECT_TIMEOUT",
+            "OUTBOX_BACKOFF_MIN",
+            "OUTBOX_BACKOFF_MAX",
+            "OUTBOX_MAX_ATTEMPTS",
+            "OUTBOX_SHUTDOWN_GRACE",
+            "OUTBOX_LEADER_CHECK",
+            "OUTBOX_LEASE_TIMEOUT",
+            "OUTBOX_STALL_TIMEOUT",
+            "OUTBOX_ADMIN_TOKEN",
+            "OUTBOX_ADMIN_TOKEN_FILE",
+        ];
+
+        /// Any text, or text close to what some variable takes (numbers of any size with
+        /// units, URLs, addresses), or around the 255 bytes of an AMQP short string.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[ ]?[0-9]{1,25}[ ]?(ms|s|m|h|d|y|B|KiB|MiB|GiB|TiB)?[ ]?",
+                "(postgres|mysql|amqp|amqps|http)://[a-z@:]{0,8}(/[a-z%0-9]{0,4})?(,amqp://h)?",
+                "[0-9.:\\[\\]]{0,20}",
+                "[a-z]{250,300}",
+                Just(String::new()),
+            ]
+        }
+
+        /// A duration written as a whole number of one unit, between `lo` and `hi` ms.
+        fn duration_text(lo: u64, hi: u64) -> BoxedStrategy<(String, Duration)> {
+            let units = vec![
+                ("ms", 1),
+                ("s", 1_000),
+                ("m", 60_000),
+                ("h", 3_600_000),
+                ("d", 86_400_000),
+            ];
+            prop::sample::select(units)
+                .prop_flat_map(move |(unit, ms)| {
+                    let (unit, ms) = if lo.div_ceil(ms) <= hi / ms {
+                        (unit, ms)
+                    } else {
+                        ("ms", 1)
+                    };
+                    (lo.div_ceil(ms)..=hi / ms, "[ ]?", "[ ]?").prop_map(move |(n, a, b)| {
+                        (format!("{a}{n}{unit}{b}"), Duration::from_millis(n * ms))
+                    })
+                })
+                .boxed()
+        }
+
+        /// What a variable parsed to.
+        #[derive(Debug, Clone, PartialEq)]
+        enum Parsed {
+            Duration(Duration),
+            Number(u64),
+            Text(String),
+            Addr(Option<SocketAddr>),
+        }
+
+        /// Where each variable of a plain value lands in `c`.
+        fn field(c: &Config, name: &str) -> Option<Parsed> {
+            let r = &c.relay;
+            let d = Parsed::Duration;
+            let n = |v: usize| Parsed::Number(v as u64);
+            Some(match name {
+                "OUTBOX_RETENTION" => d(c.retention),
+                "OUTBOX_DEDUP_WINDOW" => d(c.dedup_window),
+                "OUTBOX_QUERY_TIMEOUT" => d(c.query_timeout),
+                "OUTBOX_POLL_INTERVAL" => d(r.poll_interval),
+                "OUTBOX_CONFIRM_TIMEOUT" => d(r.confirm_timeout),
+                "OUTBOX_CONNECT_TIMEOUT" => d(r.connect_timeout),
+                "OUTBOX_BACKOFF_MIN" => d(r.backoff_min),
+                "OUTBOX_BACKOFF_MAX" => d(r.backoff_max),
+                "OUTBOX_SHUTDOWN_GRACE" => d(r.shutdown_grace),
+                "OUTBOX_LEADER_CHECK" => d(r.leader_check),
+                "OUTBOX_LEASE_TIMEOUT" => d(r.lease_timeout),
+                "OUTBOX_STALL_TIMEOUT" => d(r.stall_timeout),
+                "OUTBOX_BATCH_SIZE" => n(r.batch_size),
+                "OUTBOX_MAX_IN_FLIGHT" => n(r.max_in_flight),
+                "OUTBOX_MAX_IN_FLIGHT_BYTES" => n(r.max_in_flight_bytes),
+                "OUTBOX_MAX_MESSAGE_SIZE" => n(r.max_message_size),
+                "OUTBOX_MAX_ATTEMPTS" => Parsed::Number(r.max_attempts.into()),
+                "OUTBOX_LOG_FORMAT" => Parsed::Text(format!("{:?}", c.log_format).to_lowercase()),
+                "OUTBOX_TABLE" => Parsed::Text(c.table.as_str().into()),
+                "OUTBOX_REPLICA_ID" => Parsed::Text(c.replica_id.clone()),
+                "OUTBOX_APP_ID" => Parsed::Text(r.app_id.clone().unwrap_or_default()),
+                "OUTBOX_HTTP_ADDR" => Parsed::Addr(r.http_addr),
+                "AMQP_URL" => Parsed::Text(r.amqp_urls.join(",")),
+                _ => return None,
+            })
+        }
+
+        /// Well-formed values of the variables, each with what it must parse to; the
+        /// durations' ranges keep the cross-checks (lease, backoff) satisfied.
+        fn well_formed() -> impl Strategy<Value = Vec<Option<(&'static str, String, Parsed)>>> {
+            let dur = |name: &'static str, lo: u64, hi: u64| {
+                duration_text(lo, hi)
+                    .prop_map(move |(t, d)| (name, t, Parsed::Duration(d)))
+                    .boxed()
+            };
+            let num = |name: &'static str, hi: u64| {
+                (1..=hi, "[ ]?")
+                    .prop_map(move |(n, pad)| (name, format!("{pad}{n}"), Parsed::Number(n)))
+                    .boxed()
+            };
+            let size = |name: &'static str| {
+                let units = vec![
+                    ("", 1),
+                    ("B", 1),
+                    ("KiB", 1 << 10),
+                    ("MiB", 1 << 20),
+                    ("GiB", 1 << 30),
+                ];
+                (1..=1u64 << 20, prop::sample::select(units))
+                    .prop_map(move |(n, (u, scale))| {
+                        (name, format!("{n}{u}"), Parsed::Number(n * scale))
+                    })
+                    .boxed()
+            };
+            let text = |name: &'static str, s: BoxedStrategy<String>| {
+                s.prop_map(move |t| (name, t.clone(), Parsed::Text(t)))
+                    .boxed()
+            };
+            let (day, hour) = (86_400_000, 3_600_000);
+            let knobs = vec![
+                dur("OUTBOX_RETENTION", 0, 30 * day),
+                dur("OUTBOX_DEDUP_WINDOW", 0, 30 * day),
+                dur("OUTBOX_QUERY_TIMEOUT", 1, hour),
+                dur("OUTBOX_CONFIRM_TIMEOUT", 1, hour),
+                dur("OUTBOX_CONNECT_TIMEOUT", 1, hour),
+                dur("OUTBOX_SHUTDOWN_GRACE", 0, hour),
+                dur("OUTBOX_STALL_TIMEOUT", 0, day),
+                dur("OUTBOX_POLL_INTERVAL", 1, 10_000),
+                dur("OUTBOX_LEADER_CHECK", 1, 10_000),
+                dur("OUTBOX_BACKOFF_MIN", 1, 1_000),
+                dur("OUTBOX_BACKOFF_MAX", 1_000, day),
+                num("OUTBOX_BATCH_SIZE", usize::MAX as u64),
+                num("OUTBOX_MAX_IN_FLIGHT", u32::MAX.into()),
+                num("OUTBOX_MAX_ATTEMPTS", u32::MAX.into()),
+                size("OUTBOX_MAX_IN_FLIGHT_BYTES"),
+                size("OUTBOX_MAX_MESSAGE_SIZE"),
+                text(
+                    "OUTBOX_LOG_FORMAT",
+                    prop::sample::select(vec!["text".to_owned(), "json".into()]).boxed(),
+                ),
+                text("OUTBOX_TABLE", "[a-zA-Z_][a-zA-Z0-9_]{0,47}".boxed()),
+                text("OUTBOX_REPLICA_ID", "[^ \\s]{1,63}".boxed()),
+                text(
+                    "OUTBOX_APP_ID",
+                    proptest::collection::vec(any::<char>(), 1..64)
+                        .prop_map(String::from_iter)
+                        .boxed(),
+                ),
+                text(
+                    "AMQP_URL",
+                    proptest::collection::vec("amqps?://[a-z]{1,8}(:[0-9]{4})?", 1..4)
+                        .prop_map(|u| u.join(","))
+                        .boxed(),
+                ),
+                (any::<IpAddr>(), any::<u16>())
+                    .prop_map(|a| {
+                        let a = SocketAddr::from(a);
+                        ("OUTBOX_HTTP_ADDR", a.to_string(), Parsed::Addr(Some(a)))
+                    })
+                    .boxed(),
+            ];
+            let mut all: Vec<_> = knobs
+                .into_iter()
+                .map(|k| proptest::option::of(k).boxed())
+                .collect();
+            // Always given: the lease must be three look intervals at least.
+            all.push(
+                dur("OUTBOX_LEASE_TIMEOUT", 30_000, day)
+                    .prop_map(Some)
+                    .boxed(),
+            );
+            all
+        }
+
+        /// Reads `vars`, recording every name asked for.
+        fn read_recording(
+            vars: &BTreeMap<&str, String>,
+            needs_broker: bool,
+        ) -> (Result<Config, Vec<String>>, BTreeSet<String>) {
+            let asked = RefCell::new(BTreeSet::new());
+            let result = Config::from_vars(
+                |name| {
+                    asked.borrow_mut().insert(name.to_owned());
+                    vars.get(name).cloned()
+                },
+                needs_broker,
+            );
+            (result, asked.into_inner())
+        }
+
+        /// What the relay is given it can use: an app_id fits an AMQP short string, and the
+        /// durations it adds to clock readings do not overflow them.
+        fn check_usable(c: &Config, vars: &BTreeMap<&str, String>) -> Result<(), TestCaseError> {
+            prop_assert!(c.relay.app_id.as_ref().is_none_or(|a| a.len() <= 255));
+            for name in vars.keys() {
+                if let Some(Parsed::Duration(d)) = field(c, name) {
+                    prop_assert!(d <= Duration::from_secs(100 * 31_557_600), "{name}: {d:?}");
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            /// Any values of any variables: no panic, and every error starts with the
+            /// variable it is about and names one that was set (or is a required one that
+            /// was not).
+            #[test]
+            fn any_environment_is_read_or_every_error_names_its_variable(
+                vars in proptest::collection::btree_map(prop::sample::select(VARS.to_vec()), value(), 0..12),
+                needs_broker in any::<bool>(),
+            ) {
+                let (result, asked) = read_recording(&vars, needs_broker);
+                prop_assert!(asked.iter().all(|a| VARS.contains(&a.as_str())), "{asked:?} reads a variable not in VARS");
+                let errors = match result {
+                    Ok(c) => return check_usable(&c, &vars),
+                    Err(errors) => errors,
+                };
+                prop_assert!(!errors.is_empty());
+                for e in &errors {
+                    let (about, _) = e.split_once(": ").unwrap_or(("", ""));
+                    prop_assert!(VARS.contains(&about), "{e:?} does not start with a variable");
+                    let names_one_set = vars.keys().any(|name| e.contains(name));
+                    let required = e.starts_with("DATABASE_URL: required")
+                        || (needs_broker && e.starts_with("AMQP_URL: required"));
+                    prop_assert!(names_one_set || required, "{e:?} names none of {:?}", vars.keys());
+                }
+            }
+
+            /// One variable of any value beside a valid base: read, or refused naming it.
+            #[test]
+            fn any_value_of_one_variable_is_read_or_refused_naming_it(
+                name in prop::sample::select(VARS.to_vec()),
+                value in value(),
+            ) {
+                let mut vars = BTreeMap::from([("DATABASE_URL", "postgres://h/db".to_owned()), ("AMQP_URL", "amqp://h".into())]);
+                vars.insert(name, value);
+                let (result, _) = read_recording(&vars, true);
+                match result {
+                    Ok(c) => check_usable(&c, &vars)?,
+                    Err(errors) => prop_assert!(errors.iter().all(|e| e.contains(name)), "{errors:?} should name {name}"),
+                }
+            }
+
+            /// Well-formed values parse to the value given.
+            #[test]
+            fn well_formed_values_parse_to_the_value_given(knobs in well_formed(), needs_broker in any::<bool>()) {
+                let given: Vec<_> = knobs.into_iter().flatten().collect();
+                let mut vars: BTreeMap<&str, String> = given.iter().map(|(n, t, _)| (*n, t.clone())).collect();
+                vars.insert("DATABASE_URL", "postgres://u@h/db".into());
+                if needs_broker {
+                    vars.entry("AMQP_URL").or_insert_with(|| "amqp://h".into());
+                }
+                let config = match read_recording(&vars, needs_broker).0 {
+                    Ok(config) => config,
+                    Err(errors) => return Err(TestCaseError::fail(format!("{vars:?}: {errors:?}"))),
+                };
+                for (name, _, parsed) in &given {
+                    let got = field(&config, name);
+                    prop_assert_eq!(got.as_ref(), Some(parsed), "{}", name);
+                }
+            }
+        }
     }
 }

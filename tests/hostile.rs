@@ -191,9 +191,8 @@ on_both_backends! {
             (0..3000).map(|i| (format!("h{i}"), json!("value"))).collect();
         let long_name = "n".repeat(256);
         let fits = "n".repeat(255);
-        let with_headers = |key: &str, headers: serde_json::Value| Row {
-            headers: Some(headers),
-            ..Row::new(&queue.name, json!({})).key(key)
+        let with_headers = |key: &str, headers: serde_json::Value| {
+            Row::new(&queue.name, json!({})).key(key).headers(headers)
         };
         let hostile = [
             (with_headers("many", json!(many)), "more than one AMQP frame carries"),

@@ -55,10 +55,7 @@ fn producer_of<'a>(spans: &'a [Span], message_id: &str) -> Option<&'a Span> {
 }
 
 fn with_traceparent(row: Row, traceparent: &str) -> Row {
-    Row {
-        headers: Some(json!({ "traceparent": traceparent })),
-        ..row
-    }
+    row.headers(json!({ "traceparent": traceparent }))
 }
 
 on_both_backends! {

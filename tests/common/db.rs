@@ -493,7 +493,8 @@ pub struct Row {
     pub ordering_key: Option<String>,
     pub message_type: Option<String>,
     pub payload: serde_json::Value,
-    pub headers: Option<serde_json::Value>,
+    /// The headers object as JSON text, written as is (the database decides what it takes).
+    pub headers: Option<String>,
 }
 
 impl Row {
@@ -526,7 +527,13 @@ impl Row {
     }
 
     pub fn headers(mut self, headers: serde_json::Value) -> Self {
-        self.headers = Some(headers);
+        self.headers = Some(headers.to_string());
+        self
+    }
+
+    /// Headers as JSON text: numbers of any size, repeated names.
+    pub fn headers_text(mut self, headers: &str) -> Self {
+        self.headers = Some(headers.into());
         self
     }
 
@@ -564,7 +571,7 @@ fn insert_sql(backend: Backend, table: &TableName, rows: &[Row]) -> (String, Vec
             let message_type = param(r.message_type.clone(), "::text");
             let payload = param(Some(r.payload.to_string()), "::jsonb");
             let headers = match &r.headers {
-                Some(h) => param(Some(h.to_string()), "::jsonb"),
+                Some(h) => param(Some(h.clone()), "::jsonb"),
                 None => "DEFAULT".into(),
             };
             format!(

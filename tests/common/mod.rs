@@ -7,6 +7,7 @@ pub mod broker_alarm;
 pub mod browser;
 pub mod db;
 pub mod inbox;
+pub mod mapping;
 pub mod otlp;
 pub mod proxy;
 pub mod workload;
@@ -156,11 +157,16 @@ impl TestQueue {
 
     /// A direct exchange of its own (auto-deleted with its last binding).
     pub async fn exchange(&self) -> String {
+        self.exchange_of(ExchangeKind::Direct).await
+    }
+
+    /// An exchange of `kind` of its own (auto-deleted with its last binding).
+    pub async fn exchange_of(&self, kind: ExchangeKind) -> String {
         let name = unique("x");
         self.channel
             .exchange_declare(
                 name.as_str().into(),
-                ExchangeKind::Direct,
+                kind,
                 ExchangeDeclareOptions {
                     auto_delete: true,
                     ..Default::default()
