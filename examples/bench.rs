@@ -27,7 +27,10 @@
 //! - `inbox` (PostgreSQL): the inbox consumer with exactly-once effects against a plain
 //!   consumer;
 //! - `scale` (PostgreSQL): the drain with a 1M-row backlog, and with 10M sent rows kept in
-//!   the table.
+//!   the table;
+//! - `big` (PostgreSQL, run only by `--only big`): a backlog of 10,000 rows of 1 MiB (`--rows`
+//!   sets the count) under the default `OUTBOX_MAX_IN_FLIGHT_BYTES`, emptied by a consumer:
+//!   the relay's peak RSS. Target: 64 MiB plus that bound.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -111,9 +114,14 @@ struct Args {
     queues: Vec<QueueKind>,
 }
 
+impl Args {
+    /// `--rows` unless given.
+    const DEFAULT_ROWS: usize = 100_000;
+}
+
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
-        rows: 100_000,
+        rows: Args::DEFAULT_ROWS,
         rounds: 3,
         json: false,
         only: None,
@@ -150,7 +158,7 @@ fn args() -> anyhow::Result<Args> {
             }
             other => bail!(
                 "unknown argument {other:?} (expected --rows N, --rounds N, --json, \
-                 --only raw|drain|scale|latency|idle|quiet|inbox|telemetry, \
+                 --only raw|drain|scale|latency|idle|quiet|inbox|telemetry|big, \
                  --backend postgres|mysql|both, --queue classic|quorum|both, --quiet-secs N)"
             ),
         }
@@ -245,6 +253,10 @@ async fn main() -> anyhow::Result<()> {
     };
     if b.wanted("telemetry") {
         telemetry_cost(&b, pg, &mut report).await?;
+    }
+    // Ten gigabytes through the broker: only when asked for by name.
+    if b.args.only.as_deref() == Some("big") {
+        big_rows(&b, pg, &mut report).await?;
     }
     if b.wanted("inbox") {
         let inbox_rows = b.args.rows.min(20_000);
@@ -602,7 +614,7 @@ async fn fill(conn: &Connection, queue: &str, n: usize) -> anyhow::Result<()> {
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
-                payload().as_bytes(),
+                payload(256).as_bytes(),
                 props,
             )
             .await?;
@@ -655,9 +667,10 @@ fn build_relay() -> anyhow::Result<PathBuf> {
     Ok(dir.join("outbox"))
 }
 
-fn payload() -> String {
-    let body = format!("{{\"order_id\":42,\"pad\":\"{}\"}}", "x".repeat(256 - 24));
-    assert_eq!(body.len(), 256);
+/// A JSON body of `bytes` bytes (at least 24).
+fn payload(bytes: usize) -> String {
+    let body = format!("{{\"order_id\":42,\"pad\":\"{}\"}}", "x".repeat(bytes - 24));
+    assert_eq!(body.len(), bytes);
     body
 }
 
@@ -770,7 +783,7 @@ async fn raw_ceiling(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let body = payload();
+    let body = payload(256);
     let window = Arc::new(Semaphore::new(WINDOW));
     let mut confirms = FuturesUnordered::new();
     let start = Instant::now();
@@ -863,6 +876,8 @@ struct Backlog {
     consume: bool,
     /// The relay exports its spans to an OTLP/HTTP receiver at this address.
     otlp: Option<std::net::SocketAddr>,
+    /// The size of each row's JSON body.
+    body_bytes: usize,
 }
 
 impl Backlog {
@@ -875,6 +890,7 @@ impl Backlog {
             keep: false,
             consume: false,
             otlp: None,
+            body_bytes: 256,
         }
     }
 }
@@ -890,7 +906,9 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         keep,
         consume,
         otlp,
+        body_bytes,
     } = backlog;
+    let body = payload(body_bytes);
     let db = BenchDb::create(server).await?;
     let channel = conn.create_channel().await?;
     let queue = declare(&channel, kind).await?;
@@ -920,14 +938,14 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
     };
     let (relay, committed) = match arrival {
         Arrival::Backlog => {
-            db.pool.insert_rows(&queue, n).await?;
+            db.pool.insert_rows(&queue, n, &body).await?;
             db.analyze().await?;
             (start_relay()?, None)
         }
         Arrival::Burst(stats) => {
             // An earlier burst, sent and deleted; the statistics taken while it was there,
             // or (as autovacuum leaves an outbox that deletes what it sends) once it was gone.
-            db.pool.insert_rows(&queue, n).await?;
+            db.pool.insert_rows(&queue, n, &body).await?;
             if stats == Stats::Burst {
                 db.analyze().await?;
             }
@@ -938,7 +956,7 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
             let relay = start_relay()?;
             // Connections and leadership are not throughput: the relay idles first.
             tokio::time::sleep(Duration::from_secs(3)).await;
-            db.pool.insert_rows(&queue, n).await?;
+            db.pool.insert_rows(&queue, n, &body).await?;
             (relay, Some(Instant::now()))
         }
     };
@@ -1056,6 +1074,38 @@ async fn telemetry_cost(b: &Bench, server: &Server, report: &mut Report) -> anyh
     Ok(())
 }
 
+/// A backlog of 1 MiB rows (`--rows`, 10,000 by default: 10 GiB) under the default
+/// `OUTBOX_MAX_IN_FLIGHT_BYTES` (16 MiB), drained into a classic queue that a consumer empties:
+/// the relay's peak RSS against its drain budget plus that bound.
+async fn big_rows(b: &Bench, server: &Server, report: &mut Report) -> anyhow::Result<()> {
+    const MIB: usize = 1024 * 1024;
+    let bound_mib = outbox::config::RelayConfig::new(vec![]).max_in_flight_bytes / MIB;
+    let rows = if b.args.rows == Args::DEFAULT_ROWS {
+        10_000
+    } else {
+        b.args.rows
+    };
+    let backlog = Backlog {
+        consume: true,
+        body_bytes: MIB,
+        ..Backlog::new(QueueKind::Classic, rows)
+    };
+    let drain = backlog_drain(b, server, backlog).await?;
+    report.row(
+        &format!("backlog of {rows} rows of 1 MiB, OUTBOX_MAX_IN_FLIGHT_BYTES {bound_mib} MiB"),
+        server.backend.name(),
+        &[
+            ("rows_per_s", drain.rate),
+            ("relay_peak_rss_mib", drain.peak_rss_mib),
+        ],
+        &[Target::at_most(
+            "relay_peak_rss_mib",
+            64.0 + bound_mib as f64,
+        )],
+    );
+    Ok(())
+}
+
 /// Percentiles of a sample, in milliseconds.
 struct Percentiles(Vec<f64>);
 
@@ -1162,7 +1212,7 @@ async fn raw_confirm_latency(conn: &Connection, rate: usize) -> anyhow::Result<P
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let body = payload();
+    let body = payload(256);
     let mut confirms = FuturesUnordered::new();
     let mut latencies = Vec::new();
     let start = tokio::time::Instant::now();
@@ -1247,7 +1297,7 @@ async fn live_latency(b: &Bench, server: &Server, rate: usize) -> anyhow::Result
     let committed = Arc::new(std::sync::Mutex::new(Vec::<Committed>::with_capacity(
         total,
     )));
-    let body = payload();
+    let body = payload(256);
     let start = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..total {
@@ -1379,7 +1429,7 @@ async fn quiet_minute(b: &Bench, server: &Server, poll: Duration) -> anyhow::Res
     let mut deliveries = no_ack_consumer(&b.conn, &queue).await?;
     let relay = RelayProcess::start(&b.relay_bin, &db.url, &b.amqp, &[])?;
     // A first row through: the relay leads and has published once, then goes quiet.
-    db.pool.insert_rows(&queue, 1).await?;
+    db.pool.insert_rows(&queue, 1, &payload(256)).await?;
     next_delivery(&mut deliveries, Duration::from_secs(60))
         .await
         .context("the first row")?;
@@ -1387,7 +1437,7 @@ async fn quiet_minute(b: &Bench, server: &Server, poll: Duration) -> anyhow::Res
     // been timed by a look, and whole seconds later would then always land just after one.
     let phase = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
     tokio::time::sleep(b.args.quiet + poll.mul_f64(phase)).await;
-    db.pool.insert_rows(&queue, 1).await?;
+    db.pool.insert_rows(&queue, 1, &payload(256)).await?;
     let committed = Instant::now();
     next_delivery(&mut deliveries, Duration::from_secs(30))
         .await
@@ -1566,7 +1616,7 @@ impl Pool {
     }
 
     /// Commits `n` rows for `queue` over `KEYS` ordering keys in one statement.
-    async fn insert_rows(&self, queue: &str, n: usize) -> anyhow::Result<()> {
+    async fn insert_rows(&self, queue: &str, n: usize, body: &str) -> anyhow::Result<()> {
         match self {
             Pool::Pg(pool) => {
                 sqlx::query(
@@ -1575,7 +1625,7 @@ impl Pool {
                 )
                 .bind(queue)
                 .bind(KEYS as i64)
-                .bind(payload())
+                .bind(body)
                 .bind(n as i64)
                 .execute(pool)
                 .await?;
@@ -1588,7 +1638,7 @@ impl Pool {
                 )))
                 .bind(queue)
                 .bind(KEYS as i64)
-                .bind(payload())
+                .bind(body)
                 .bind(n as i64)
                 .execute(pool)
                 .await?;
