@@ -248,16 +248,18 @@ async fn delivered_with_the_right_ca(certs: &Path) {
     let pool = db.pg().clone();
     let consumer = tokio::spawn(consume(pool, config, seen.clone(), stop.clone()));
     let database_url = verify_full(&db, &ca);
-    let status = db
-        .outbox()
-        .env("DATABASE_URL", &database_url)
-        .arg("status")
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "outbox status over verify-full: {status:?}"
-    );
+    for command in ["migrate", "status"] {
+        let out = db
+            .outbox()
+            .env("DATABASE_URL", &database_url)
+            .arg(command)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "outbox {command} over verify-full: {out:?}"
+        );
+    }
     let (cert, key) = (certs.join("client.pem"), certs.join("client.key"));
     let _relay = Relay::start(
         &database_url,
