@@ -81,7 +81,19 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Has glibc map allocations of 256 KiB and more and give them back when freed. Otherwise it
+/// raises that threshold each time it frees one, and keeps large rows' copies in its heaps: a
+/// drain of 10,000 rows of 1 MiB peaked at 74-79 MiB under a 16 MiB bound, 52 MiB with this.
+fn return_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: sets one of the allocator's tunables, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    return_large_allocations();
     let cli = Cli::parse();
     let mut errors = Vec::new();
     let filter =
