@@ -37,7 +37,6 @@ struct Shared {
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long any request may take to answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// How long a response may wait for a client that does not read it: the connection is then
 /// closed (a client that stopped reading holds a task and its response forever otherwise).
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);

@@ -83,7 +83,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Has glibc map allocations of 256 KiB and more and give them back when freed. Otherwise it
 /// raises that threshold each time it frees one, and keeps large rows' copies in its heaps: a
-/// drain of 10,000 rows of 1 MiB peaked at 74-79 MiB under a 16 MiB bound, 52 MiB with this.
+/// drain of 10,000 rows of 1 MiB peaked at 74-79 MiB under a 16 MiB bound, 52-60 with this.
 fn return_large_allocations() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: sets one of the allocator's tunables, before any other thread exists.

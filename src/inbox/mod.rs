@@ -14,9 +14,9 @@
 //! message goes to the dead-letter queue `<queue>.dead` with the error and the attempt count
 //! in its headers (`x-outbox-error`, `x-outbox-attempts`); a delivery without a message id,
 //! whose body is larger than `prefetch_bytes`, or whose body is not the expected JSON goes
-//! there at once. Transient database errors
-//! (serialization failures, deadlocks, lock wait timeouts, lost connections, a transaction
-//! past `transaction_timeout`) are retried without counting.
+//! there at once. Transient database errors (serialization failures, deadlocks, lock wait
+//! timeouts, lost connections, a transaction past `transaction_timeout`) are retried
+//! without counting.
 //!
 //! Nothing is acked unless its effects committed: before COMMIT the transaction must still
 //! hold the inbox records it made. A handler that swallowed an SQL error (PostgreSQL then
