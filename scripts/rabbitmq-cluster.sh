@@ -17,25 +17,16 @@ set -euo pipefail
 BASE=/var/lib/rabbitmq/outbox-cluster
 node() { echo "outbox$1@localhost"; }
 ctl() { local n=$1; shift; rabbitmqctl -q -n "$(node "$n")" "$@"; }
+# shellcheck source=scripts/rabbitmq-node.sh
+. "$(dirname "$0")/rabbitmq-node.sh"
 
 start_node() {
   local n=$1 dir="$BASE/node$1"
   if ctl "$n" ping >/dev/null 2>&1; then return 0; fi
-  mkdir -p "$dir/mnesia" "$dir/log"
+  mkdir -p "$dir"
   printf 'listeners.tcp.local = 127.0.0.1:568%s\nloopback_users = none\n' "$n" > "$dir/rabbitmq.conf"
   : > "$dir/enabled_plugins"
-  chown -R rabbitmq:rabbitmq "$BASE"
-  runuser -u rabbitmq -- env HOME=/var/lib/rabbitmq \
-    RABBITMQ_NODENAME="$(node "$n")" \
-    RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
-    RABBITMQ_MNESIA_BASE="$dir/mnesia" \
-    RABBITMQ_LOG_BASE="$dir/log" \
-    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
-    RABBITMQ_PID_FILE="$dir/pid" \
-    RABBITMQ_DIST_PORT="2568$n" \
-    /usr/lib/rabbitmq/bin/rabbitmq-server -detached
-  for _ in $(seq 1 120); do ctl "$n" ping >/dev/null 2>&1 && break; sleep 0.5; done
-  ctl "$n" await_startup --timeout 120 >/dev/null
+  run_node "$(node "$n")" "$dir" "2568$n"
 }
 
 cluster_started() {

@@ -18,6 +18,8 @@ BASE=/var/lib/rabbitmq/outbox-tls
 NODE=outbox-tls@localhost
 CERTS=$BASE/certs
 ctl() { rabbitmqctl -q -n "$NODE" "$@"; }
+# shellcheck source=scripts/rabbitmq-node.sh
+. "$(dirname "$0")/rabbitmq-node.sh"
 
 config() {
   cat <<CONF
@@ -40,21 +42,10 @@ CONF
 start() {
   if ctl ping >/dev/null 2>&1; then return 0; fi
   "$(dirname "$0")/test-certs.sh" "$CERTS"
-  mkdir -p "$BASE/mnesia" "$BASE/log"
+  mkdir -p "$BASE"
   config > "$BASE/rabbitmq.conf"
   echo '[rabbitmq_auth_mechanism_ssl].' > "$BASE/enabled_plugins"
-  chown -R rabbitmq:rabbitmq "$BASE"
-  runuser -u rabbitmq -- env HOME=/var/lib/rabbitmq \
-    RABBITMQ_NODENAME="$NODE" \
-    RABBITMQ_CONFIG_FILE="$BASE/rabbitmq.conf" \
-    RABBITMQ_MNESIA_BASE="$BASE/mnesia" \
-    RABBITMQ_LOG_BASE="$BASE/log" \
-    RABBITMQ_ENABLED_PLUGINS_FILE="$BASE/enabled_plugins" \
-    RABBITMQ_PID_FILE="$BASE/pid" \
-    RABBITMQ_DIST_PORT=25690 \
-    /usr/lib/rabbitmq/bin/rabbitmq-server -detached
-  for _ in $(seq 1 120); do ctl ping >/dev/null 2>&1 && break; sleep 0.5; done
-  ctl await_startup --timeout 120 >/dev/null
+  run_node "$NODE" "$BASE" 25690
   ctl list_users --formatter json | grep -q '"outbox-relay"' || {
     ctl add_user outbox-relay "$(head -c 24 /dev/urandom | base64)" >/dev/null
     ctl clear_password outbox-relay >/dev/null

@@ -18,17 +18,6 @@ fn cluster(args: &[&str]) -> String {
     script("rabbitmq-cluster.sh", args)
 }
 
-/// Stops the cluster's nodes and deletes their data, even when the test fails.
-struct Teardown;
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        if std::env::var_os("OUTBOX_KEEP_CLUSTER").is_none() {
-            cluster(&["teardown"]);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_relay_fails_over_when_nodes_of_the_cluster_are_lost() {
     let _ = tracing_subscriber::fmt()
@@ -36,7 +25,11 @@ async fn the_relay_fails_over_when_nodes_of_the_cluster_are_lost() {
         .with_test_writer()
         .try_init();
     cluster(&["start"]);
-    let _teardown = Teardown;
+    // Stops the cluster's nodes and deletes their data.
+    let _teardown = Teardown {
+        script: "rabbitmq-cluster.sh",
+        keep: "OUTBOX_KEEP_CLUSTER",
+    };
     let urls: Vec<String> = cluster(&["urls"]).split(',').map(str::to_owned).collect();
     let w = Workload::start(Backend::Postgres, &urls, QueueType::Quorum, false).await;
     let members = Command::new("rabbitmqctl")

@@ -34,17 +34,6 @@ fn tls_node(args: &[&str]) -> String {
     script("rabbitmq-tls.sh", args)
 }
 
-/// Stops the TLS node and deletes its data, even when the test fails.
-struct Teardown;
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        if std::env::var_os("OUTBOX_KEEP_TLS_NODE").is_none() {
-            tls_node(&["teardown"]);
-        }
-    }
-}
-
 /// Runs SQL statements one by one with `psql` as the server's superuser.
 fn psql(statements: &[&str]) {
     let mut cmd = Command::new("psql");
@@ -217,7 +206,11 @@ impl Handler<serde_json::Value, Postgres> for Seen {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_and_consumer_verify_the_broker_and_postgresql() {
     tls_node(&["start"]);
-    let _teardown = Teardown;
+    // Stops the TLS node and deletes its data.
+    let _teardown = Teardown {
+        script: "rabbitmq-tls.sh",
+        keep: "OUTBOX_KEEP_TLS_NODE",
+    };
     let certs = PathBuf::from(tls_node(&["certs"]));
     let _pg = PgTls::switch(&certs);
     delivered_with_the_right_ca(&certs).await;

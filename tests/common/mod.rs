@@ -249,6 +249,21 @@ pub async fn queue_exists(name: &str) -> bool {
     exists
 }
 
+/// Runs `scripts/<script> teardown` when dropped, even when the test fails, unless the
+/// variable `keep` is set (to look at what the script started).
+pub struct Teardown {
+    pub script: &'static str,
+    pub keep: &'static str,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        if std::env::var_os(self.keep).is_none() {
+            script(self.script, &["teardown"]);
+        }
+    }
+}
+
 /// Runs `scripts/<name>` with `args` (they need bash and root); its output, trimmed.
 /// Panics with the script's output when it fails.
 pub fn script(name: &str, args: &[&str]) -> String {
