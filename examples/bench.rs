@@ -11,9 +11,13 @@
 //! - `raw`: lapin alone publishing with confirms, same window: bare messages (a short id), and
 //!   the relay's own messages (same body, the contract's properties): the ceiling;
 //! - `drain`: committed rows drained by the real `outbox relay` binary (release) into a
-//!   classic and a quorum queue: rows/s, ratio to the ceiling, peak RSS, CPU per 10k rows; a
-//!   backlog committed before the relay starts (timed from the first row in the queue), and
-//!   bursts committed while it idles (timed from the commit). Target: ratio >= 0.8;
+//!   classic and a quorum queue: rows/s, ratio to the ceiling, peak RSS, CPU per 10k rows,
+//!   and the cores the broker, the database server and the relay kept busy meanwhile (the
+//!   ceiling shows the broker's alone); a backlog committed before the relay starts (timed
+//!   from the first row in the queue), and bursts committed while it idles (timed from the
+//!   commit; on MySQL, which has no notifications, the bench then posts to the relay's
+//!   `/wake` as a service there would, and the `quiet` scenario times the wait without it).
+//!   Target: ratio >= 0.8;
 //! - `latency`: single-row transactions at 100, 1,000 and 5,000 rows/s: commit-to-confirm and
 //!   commit-to-consumer percentiles, and lapin's own publish-to-confirm at the same rate.
 //!   Targets, commit-to-consumer p99: PostgreSQL 10 ms at 100 rows/s and 25 ms at 1,000;
@@ -87,6 +91,14 @@ impl Backend {
         match self {
             Backend::Postgres => "postgres",
             Backend::Mysql => "mysql",
+        }
+    }
+
+    /// The command names of its server's processes.
+    fn commands(self) -> &'static [&'static str] {
+        match self {
+            Backend::Postgres => &["postgres"],
+            Backend::Mysql => &["mariadbd", "mysqld"],
         }
     }
 }
@@ -343,8 +355,11 @@ async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
         // the median of the rounds reported, as this machine's speed drifts.
         let mut raws = Vec::new();
         let mut runs: Vec<DrainRuns> = b.servers.iter().map(|_| DrainRuns::default()).collect();
+        let mut ceiling_cores = Vec::new();
         for _ in 0..b.args.rounds {
+            let busy = Busy::start(&[]);
             let raw = raw_ceiling(&b.conn, kind, n, Messages::Relay).await?;
+            ceiling_cores.push(busy.cores());
             raws.push(raw);
             if b.wanted("drain") {
                 for (server, runs) in b.servers.iter().zip(&mut runs) {
@@ -356,7 +371,11 @@ async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
         report.row(
             &format!("raw ceiling, the relay's messages, {} queue", kind.name()),
             LAPIN,
-            &[("msgs_per_s", raw), ("ratio_to_bare", raw / bare)],
+            &[
+                ("msgs_per_s", raw),
+                ("ratio_to_bare", raw / bare),
+                Cores::medians(ceiling_cores)[0],
+            ],
             &[],
         );
         if !b.wanted("drain") {
@@ -374,6 +393,7 @@ async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
             figures.extend(ratio_spread(&runs.ratios));
             figures.push(("relay_peak_rss_mib", peak));
             figures.push(("relay_cpu_s_per_10k_rows", median(&cpu)));
+            figures.extend(Cores::medians(runs.drains.iter().map(|d| d.cores)));
             report.row(
                 &format!("backlog drain {n} rows, {} queue", kind.name()),
                 server.backend.name(),
@@ -819,9 +839,97 @@ struct Drain {
     rate: f64,
     peak_rss_mib: f64,
     cpu_s_per_10k: f64,
+    /// The cores the broker, the database server and the relay kept busy while timed.
+    cores: Cores,
     /// For a burst: from its commit to the first of its rows seen in the queue (looked at
     /// every 50 ms or so), which is how long the relay took to notice it.
     commit_to_first_row_ms: Option<f64>,
+}
+
+/// The cores the broker, the database server and the relay kept busy over some time.
+#[derive(Clone, Copy, Default)]
+struct Cores {
+    broker: f64,
+    database: f64,
+    relay: f64,
+}
+
+impl Cores {
+    /// The median of each, as figures.
+    fn medians(all: impl IntoIterator<Item = Cores>) -> [(&'static str, f64); 3] {
+        let all: Vec<Cores> = all.into_iter().collect();
+        let of = |f: fn(&Cores) -> f64| median(&all.iter().map(f).collect::<Vec<_>>());
+        [
+            ("broker_cores", of(|c| c.broker)),
+            ("database_cores", of(|c| c.database)),
+            ("relay_cores", of(|c| c.relay)),
+        ]
+    }
+}
+
+/// The CPU time the broker, the database server and the relay have used since a start,
+/// read off `/proc` by command name: a server's ended sessions count through their parent.
+struct Busy {
+    at: Instant,
+    commands: [&'static [&'static str]; 3],
+    cpu: [f64; 3],
+}
+
+impl Busy {
+    /// From now, with the database server's `database` commands (none: no database).
+    fn start(database: &'static [&'static str]) -> Self {
+        let commands = [&["beam.smp"][..], database, &["outbox"][..]];
+        Busy {
+            at: Instant::now(),
+            commands,
+            cpu: commands.map(cpu_of_commands),
+        }
+    }
+
+    fn cores(self) -> Cores {
+        let secs = self.at.elapsed().as_secs_f64();
+        let [broker, database, relay] =
+            std::array::from_fn(|i| (cpu_of_commands(self.commands[i]) - self.cpu[i]) / secs);
+        Cores {
+            broker,
+            database,
+            relay,
+        }
+    }
+}
+
+/// The CPU seconds of every process running one of `commands`, with its reaped children.
+fn cpu_of_commands(commands: &[&str]) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let (head, _) = stat.rsplit_once(')')?;
+            let (_, command) = head.split_once('(')?;
+            commands
+                .contains(&command)
+                .then(|| stat_cpu_seconds(&stat, true))
+        })
+        .sum()
+}
+
+/// User and system CPU seconds of a `/proc/PID/stat` line, and of the reaped children.
+fn stat_cpu_seconds(stat: &str, children: bool) -> f64 {
+    // Fields after the command name (which may hold spaces): utime, stime, cutime and
+    // cstime are the 12th to 15th, in clock ticks (100 per second on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let own = ticks(11) + ticks(12);
+    let reaped = if children { ticks(13) + ticks(14) } else { 0.0 };
+    (own + reaped) / 100.0
 }
 
 /// The median of a few figures.
@@ -926,14 +1034,22 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         .await?;
     }
     let retention = if keep { "7d" } else { "0s" };
+    // MySQL has no notifications: a service there nudges its sidecar after committing, as
+    // the operations guide says (`POST /wake`), or the relay finds a burst at its next look.
+    let wake = match (arrival, server.backend) {
+        (Arrival::Burst(_), Backend::Mysql) => Some(free_local_addr()?),
+        _ => None,
+    };
     let start_relay = || {
         let endpoint = otlp.map(|addr| format!("http://{addr}"));
+        let http = wake.map(|addr| addr.to_string());
         let mut env = vec![("OUTBOX_RETENTION", retention)];
         env.extend(
             endpoint
                 .as_deref()
                 .map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e)),
         );
+        env.extend(http.as_deref().map(|a| ("OUTBOX_HTTP_ADDR", a)));
         RelayProcess::start(&b.relay_bin, &db.url, &b.amqp, &env)
     };
     let (relay, committed) = match arrival {
@@ -957,9 +1073,14 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
             // Connections and leadership are not throughput: the relay idles first.
             tokio::time::sleep(Duration::from_secs(3)).await;
             db.pool.insert_rows(&queue, n, &body).await?;
-            (relay, Some(Instant::now()))
+            let committed = Instant::now();
+            if let Some(addr) = wake {
+                post_wake(addr).await?;
+            }
+            (relay, Some(committed))
         }
     };
+    let mut busy = committed.map(|_| Busy::start(server.backend.commands()));
     // The clock runs from the commit of a burst, or for a backlog from the first rows seen
     // in the queue (the process start, connections and leadership are not throughput), to
     // the last row.
@@ -986,6 +1107,7 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         };
         if done > 0 && first.is_none() {
             first = Some((Instant::now(), done));
+            busy.get_or_insert_with(|| Busy::start(server.backend.commands()));
         }
         if done >= n {
             break;
@@ -1006,6 +1128,7 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         first.saturating_duration_since(committed).as_secs_f64() * 1000.0
     });
     peak = peak.max(relay.memory_mib("VmHWM:"));
+    let cores = busy.map(Busy::cores).unwrap_or_default();
     let cpu = relay.cpu_seconds();
     drop(relay);
     if let Some(reader) = reader {
@@ -1019,8 +1142,37 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         rate,
         peak_rss_mib: peak,
         cpu_s_per_10k: cpu / n as f64 * 10_000.0,
+        cores,
         commit_to_first_row_ms,
     })
+}
+
+/// An address on the loopback that was free a moment ago.
+fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// `POST /wake` to a relay's HTTP address, as a service does after its commit: 204 expected.
+async fn post_wake(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let post = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"POST /wake HTTP/1.1\r\nHost: relay\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        anyhow::Ok(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(2), post)
+        .await
+        .context("POST /wake: no answer within 2 s")??;
+    anyhow::ensure!(
+        answer.starts_with("HTTP/1.1 204"),
+        "POST /wake answered {:?}",
+        answer.lines().next()
+    );
+    Ok(())
 }
 
 /// What exporting spans costs the relay: CPU per 10k rows of a classic backlog, its rate,
@@ -1825,18 +1977,7 @@ impl RelayProcess {
     fn cpu_seconds(&self) -> f64 {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces): utime and stime are the
-        // 12th and 13th, in clock ticks (100 per second on Linux).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (ticks(11) + ticks(12)) / 100.0
+        stat_cpu_seconds(&stat, false)
     }
 }
 

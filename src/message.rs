@@ -103,8 +103,8 @@ pub struct OutboxRow {
     pub created_at: f64,
     /// Failed attempts before this one.
     pub attempts: i32,
-    /// The pending row just before it on its ordering key, if any: the leader publishes this
-    /// row only after that one.
+    /// The pending row just before it on its ordering key, or the latest one below the
+    /// claim's floor, if any: the leader publishes this row only after that one.
     pub previous: Option<i64>,
 }
 

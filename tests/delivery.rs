@@ -94,6 +94,41 @@ on_both_backends! {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_committed_late_goes_out_before_the_next_row_of_its_key(backend: Backend) {
+        let db = Db::new(backend).await;
+        let queue = TestQueue::new().await;
+        // No claim of the whole table within the test: on MySQL only the claim's look below
+        // its floor can put the late row first (on PostgreSQL its notification does too).
+        let _relay = Relay::start(&db.url, &db.table, &[("OUTBOX_POLL_INTERVAL", "600s")]);
+
+        // The late row takes its id, then a row of another key is published above it.
+        let mut late = db.begin().await;
+        let late_id = late
+            .insert(&Row::new(&queue.name, json!({"seq": 0})).key("account-7"))
+            .await;
+        db.insert(&queue.name, Some("account-8"), json!({"other": true}))
+            .await;
+        queue.wait_for(1, Duration::from_secs(20)).await;
+        // Its transaction commits below the relay's floor, and the key's next row right after.
+        late.commit().await;
+        let next_id = db
+            .insert(&queue.name, Some("account-7"), json!({"seq": 1}))
+            .await;
+
+        let received = queue.wait_for(3, Duration::from_secs(20)).await;
+        let order: Vec<&str> = received
+            .iter()
+            .map(|m| m.message_id.as_str())
+            .filter(|id| [late_id.as_str(), next_id.as_str()].contains(id))
+            .collect();
+        assert_eq!(
+            order,
+            [late_id.as_str(), next_id.as_str()],
+            "the key's rows left in another order than their ids"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn published_message_carries_the_contract_properties_and_headers(backend: Backend) {
         let db = Db::with_table(backend, "orders_outbox").await;
         let queue = TestQueue::new().await;

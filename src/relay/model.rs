@@ -132,9 +132,9 @@ struct Table {
     /// Late rows not yet committed, oldest first, by key (a service serializes one key's
     /// transactions, so a key's later rows commit after its earlier ones).
     uncommitted: BTreeMap<Option<String>, VecDeque<i64>>,
-    /// Claims name a row's previous row only if the leader does not hold it (as the MySQL
-    /// store does), rather than whatever it is (as PostgreSQL's does).
-    previous_unheld: bool,
+    /// Claims name the latest pending row of a row's key below the floor, held or not (as
+    /// the MySQL store does), rather than the one just before the row (as PostgreSQL's does).
+    previous_below_floor: bool,
 }
 
 impl Table {
@@ -168,10 +168,8 @@ impl Table {
                             && e.key.is_some()
                             && e.key == r.key
                     })
-                    // The MySQL store looks below the floor only, past the rows held.
-                    .filter(|(id, _)| {
-                        !(self.previous_unheld && (skip.contains(id) || **id >= from))
-                    })
+                    // The MySQL store looks below the floor only.
+                    .filter(|(id, _)| !(self.previous_below_floor && **id >= from))
                     .map(|(&id, _)| id)
                     .next_back();
                 row
@@ -335,7 +333,7 @@ impl World {
             notifications,
             now,
             table: Table {
-                previous_unheld: !notifications,
+                previous_below_floor: !notifications,
                 ..Table::default()
             },
             leader: Node::new(now, 0),

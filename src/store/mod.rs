@@ -278,8 +278,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// `held` (every row the leader has), and holding back every row whose ordering key
     /// has an earlier row that failed (dead, or pending with attempts); read one at a time
     /// and kept while they fit in `bytes` ([`Budget`]). Each row with a key names the
-    /// pending row just before it on its key ([`OutboxRow::previous`]); a store may leave
-    /// that out when it is one of `held`, whose order the leader keeps itself.
+    /// pending row just before it on its key ([`OutboxRow::previous`]), or the latest below
+    /// `from`: the rows from `from` up come in this claim in order or are `held`, whose
+    /// order the leader keeps itself.
     fn claim(
         &self,
         limit: usize,

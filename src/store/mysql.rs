@@ -8,7 +8,7 @@
 //! with the ids written in: they are integers, and a prepared statement per list length
 //! would fill the statement cache.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,13 +123,12 @@ impl Statements {
                           AND e.id < o.id))",
                 created_at = epoch("o.created_at"),
             ),
-            // Pending rows of the claimed keys below the floor that the leader does not hold:
-            // committed late, after rows above them were claimed. One range of the key's
-            // index per key, whose held rows the index condition skips; a subquery per claimed
-            // row would read every pending row of its key, or cost a dive per row.
+            // The latest pending row of each claimed key below the floor, held or not: read
+            // off the key's index alone, one range per key. A subquery per claimed row would
+            // cost a dive per row; skipping the held rows here would read each of them.
             late: format!(
-                "SELECT id, ordering_key FROM {t} FORCE INDEX ({t}_key_idx)
-                 WHERE state = 'pending' AND blocking = 0"
+                "SELECT ordering_key, MAX(id) FROM {t} FORCE INDEX ({t}_key_idx)
+                 WHERE state = 'pending'"
             ),
             sent,
             // Locking read: a new leader raising the term waits for a mark under way, and a
@@ -209,18 +208,13 @@ impl Statements {
         sql
     }
 
-    /// The late rows below `from` of `keys` (bound in order), skipping `held`.
-    fn late(&self, keys: usize, from: i64, held: &[i64]) -> String {
-        let mut sql = format!("{} AND id < {from}", self.late);
-        if !held.is_empty() {
-            sql.push_str(" AND id NOT IN ");
-            push_ids(&mut sql, held);
-        }
-        sql.push_str(" AND ordering_key IN (");
+    /// The latest pending row below `from` of each of `keys` (bound in order).
+    fn late(&self, keys: usize, from: i64) -> String {
+        let mut sql = format!("{} AND id < {from} AND ordering_key IN (", self.late);
         for i in 0..keys {
             sql.push_str(if i == 0 { "?" } else { ", ?" });
         }
-        sql.push(')');
+        sql.push_str(") GROUP BY ordering_key");
         sql
     }
 }
@@ -433,10 +427,10 @@ impl Store for MyStore {
     }
 
     /// Rows from `from` up; each row with a key names the latest pending row of its key
-    /// that the leader does not hold and that was committed late below `from` (rows from
-    /// `from` up come in this claim, in order; the leader keeps the held rows' order).
+    /// below `from`, held or not (rows from `from` up come in this claim, in order, or are
+    /// held, and the leader keeps the held rows' order).
     async fn claim(&self, limit: usize, from: i64, held: &[i64], bytes: usize) -> Result<Claimed> {
-        let (above, below): (Vec<i64>, Vec<i64>) = held.iter().partition(|&&id| id >= from);
+        let above: Vec<i64> = held.iter().copied().filter(|&id| id >= from).collect();
         let claim = self.sql.claim(limit, from, &above);
         let sql = self.sql.clone();
         self.within(move |conn| {
@@ -453,18 +447,18 @@ impl Store for MyStore {
                 if from <= 0 || keys.is_empty() {
                     return Ok(claimed);
                 }
-                let late_sql = sql.late(keys.len(), from, &below);
+                let late_sql = sql.late(keys.len(), from);
                 let mut query = sqlx::query_as(AssertSqlSafe(late_sql)).persistent(false);
                 for key in keys {
                     query = query.bind(key.to_owned());
                 }
-                let late: Vec<(i64, String)> = query.fetch_all(&mut *conn).await?;
+                let late: HashMap<String, i64> =
+                    query.fetch_all(&mut *conn).await?.into_iter().collect();
                 for row in rows.iter_mut() {
-                    row.previous = late
-                        .iter()
-                        .filter(|(id, key)| *id < row.id && row.ordering_key.as_ref() == Some(key))
-                        .map(|(id, _)| *id)
-                        .max();
+                    row.previous = row
+                        .ordering_key
+                        .as_ref()
+                        .and_then(|key| late.get(key).copied());
                 }
                 Ok(claimed)
             })
