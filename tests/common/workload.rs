@@ -168,8 +168,9 @@ impl Workload {
                     .try_scalar("SELECT count(*) FROM outbox")
                     .await
                     .unwrap_or(-1);
+                let (sessions, deliveries) = *self.recorded.sessions.lock().unwrap();
                 panic!(
-                    "'{phase}': after 90 s, {not_applied} rows not applied, {not_recorded} not recorded, {pending} still in the outbox"
+                    "'{phase}': after 90 s, {not_applied} rows not applied, {not_recorded} not recorded, {pending} still in the outbox (the recorder consumed {sessions} times and took {deliveries} deliveries)"
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -314,6 +315,9 @@ struct Recorded {
     first: Arc<Mutex<Vec<(String, String, i64)>>>,
     seen: Arc<Mutex<HashSet<String>>>,
     duplicates: Arc<Mutex<usize>>,
+    /// How many times it has consumed, and how many deliveries it has taken: a check that
+    /// times out says whether the recorder was still at work.
+    sessions: Arc<Mutex<(usize, usize)>>,
 }
 
 impl Recorded {
@@ -341,6 +345,7 @@ impl Recorded {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
+            self.sessions.lock().unwrap().0 += 1;
             let mut deliveries =
                 std::pin::pin!(deliveries.take_until(outbox::broker::closed(&conn)));
             while let Some(Ok(d)) = deliveries.next().await {
@@ -356,7 +361,14 @@ impl Recorded {
                 } else if !d.redelivered {
                     *self.duplicates.lock().unwrap() += 1;
                 }
-                let _ = d.ack(BasicAckOptions::default()).await;
+                self.sessions.lock().unwrap().1 += 1;
+                let ack = d.ack(BasicAckOptions::default());
+                if !matches!(
+                    tokio::time::timeout(Duration::from_secs(5), ack).await,
+                    Ok(Ok(_))
+                ) {
+                    break;
+                }
             }
         }
     }
