@@ -12,11 +12,15 @@
 //!   the relay's own messages (same body, the contract's properties): the ceiling;
 //! - `drain`: committed rows drained by the real `outbox relay` binary (release) into a
 //!   classic and a quorum queue: rows/s, ratio to the ceiling, peak RSS, CPU per 10k rows,
-//!   and the cores the broker, the database server and the relay kept busy meanwhile (the
-//!   ceiling shows the broker's alone); a backlog committed before the relay starts (timed
-//!   from the first row in the queue), and bursts committed while it idles (timed from the
-//!   commit; on MySQL, which has no notifications, the bench then posts to the relay's
-//!   `/wake` as a service there would, and the `quiet` scenario times the wait without it).
+//!   the share of the time the window was full (the relay waiting on the broker), and the
+//!   cores the broker, the database server and the relay kept busy meanwhile (the ceiling
+//!   shows the broker's alone), then the ceiling again beside threads spinning for the
+//!   cores the database, and the database and relay beyond lapin's own, used in the drains
+//!   (what lapin alone reaches with that much work beside it); a backlog committed before
+//!   the relay starts (timed from the first row in the queue), and bursts committed while
+//!   it idles (timed from the commit; on MySQL, which has no notifications, the bench then
+//!   posts to the relay's `/wake` as a service there would, and the `quiet` scenario times
+//!   the wait without it).
 //!   Target: ratio >= 0.8;
 //! - `latency`: single-row transactions at 100, 1,000 and 5,000 rows/s: commit-to-confirm and
 //!   commit-to-consumer percentiles, and lapin's own publish-to-confirm at the same rate.
@@ -330,6 +334,109 @@ impl DrainRuns {
     }
 }
 
+/// The ceiling again, with threads spinning beside it for the CPU that a backend's backlog
+/// drains used on top of the ceiling's own (the broker aside): first its database server's
+/// alone, which any relay adds, then with the relay's beyond what lapin spends to publish
+/// the same rows (`publisher_cpu`, seconds per message). On a machine where the broker
+/// shares its cores, this is what lapin alone reaches with that much work beside it.
+async fn loaded_ceilings(
+    b: &Bench,
+    kind: QueueKind,
+    server: &Server,
+    runs: &DrainRuns,
+    raw: f64,
+    publisher_cpu: f64,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let database = median(
+        &runs
+            .drains
+            .iter()
+            .map(|d| d.cores.database)
+            .collect::<Vec<_>>(),
+    );
+    let relay_beyond_lapin = median(
+        &runs
+            .drains
+            .iter()
+            .map(|d| (d.cores.relay - publisher_cpu * d.rate).max(0.0))
+            .collect::<Vec<_>>(),
+    );
+    let drain = median(&runs.drains.iter().map(|d| d.rate).collect::<Vec<_>>());
+    let loads = [
+        ("the database's", database),
+        (
+            "the database's and the relay's beyond lapin's own",
+            database + relay_beyond_lapin,
+        ),
+    ];
+    for (whose, cores) in loads {
+        let mut rates = Vec::new();
+        for _ in 0..b.args.rounds {
+            let _load = Load::start(cores);
+            rates.push(raw_ceiling(&b.conn, kind, b.args.rows, Messages::Relay).await?);
+        }
+        let loaded = median(&rates);
+        report.row(
+            &format!(
+                "raw ceiling beside a spinning load of {whose} cores in the drains, {} queue",
+                kind.name()
+            ),
+            server.backend.name(),
+            &[
+                ("load_cores", cores),
+                ("msgs_per_s", loaded),
+                ("ratio_to_raw", loaded / raw),
+                ("drain_ratio_to_it", drain / loaded),
+            ],
+            &[],
+        );
+    }
+    Ok(())
+}
+
+/// Threads that keep `cores` of the machine busy until dropped, each spinning for its share
+/// of every 10 ms and sleeping the rest, none above half a core (as the processes of a
+/// database server and a relay would): CPU taken from the broker, without their work.
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    const PERIOD: Duration = Duration::from_millis(10);
+
+    fn start(cores: f64) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let n = (cores / 0.5).ceil().max(0.0) as usize;
+        let busy = Load::PERIOD.mul_f64(cores / n.max(1) as f64);
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let started = Instant::now();
+                        while started.elapsed() < busy {
+                            std::hint::spin_loop();
+                        }
+                        std::thread::sleep(Load::PERIOD.saturating_sub(busy));
+                    }
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The median ratio of some rounds, with the lowest and the highest.
 fn ratio_spread(ratios: &[f64]) -> [(&'static str, f64); 3] {
     [
@@ -356,9 +463,13 @@ async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
         let mut raws = Vec::new();
         let mut runs: Vec<DrainRuns> = b.servers.iter().map(|_| DrainRuns::default()).collect();
         let mut ceiling_cores = Vec::new();
+        // The publisher's own CPU seconds per message (this process, lapin alone).
+        let mut publisher_cpu = Vec::new();
         for _ in 0..b.args.rounds {
             let busy = Busy::start(&[]);
+            let own = own_cpu_seconds();
             let raw = raw_ceiling(&b.conn, kind, n, Messages::Relay).await?;
+            publisher_cpu.push((own_cpu_seconds() - own) / n as f64);
             ceiling_cores.push(busy.cores());
             raws.push(raw);
             if b.wanted("drain") {
@@ -393,6 +504,8 @@ async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
             figures.extend(ratio_spread(&runs.ratios));
             figures.push(("relay_peak_rss_mib", peak));
             figures.push(("relay_cpu_s_per_10k_rows", median(&cpu)));
+            let full: Vec<f64> = runs.drains.iter().map(|d| d.window_full).collect();
+            figures.push(("window_full", median(&full)));
             figures.extend(Cores::medians(runs.drains.iter().map(|d| d.cores)));
             report.row(
                 &format!("backlog drain {n} rows, {} queue", kind.name()),
@@ -400,6 +513,9 @@ async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
                 &figures,
                 &[drain_target, Target::at_most("relay_peak_rss_mib", 64.0)],
             );
+        }
+        for (server, runs) in b.servers.iter().zip(&runs) {
+            loaded_ceilings(b, kind, server, runs, raw, median(&publisher_cpu), report).await?;
         }
         for (i, stats) in [Stats::Empty, Stats::Burst].into_iter().enumerate() {
             for (server, runs) in b.servers.iter().zip(&runs) {
@@ -841,6 +957,9 @@ struct Drain {
     cpu_s_per_10k: f64,
     /// The cores the broker, the database server and the relay kept busy while timed.
     cores: Cores,
+    /// The share of the looks (every 50 ms or so) that saw at least 90% of the window
+    /// published and awaiting its confirm: the relay was waiting on the broker.
+    window_full: f64,
     /// For a burst: from its commit to the first of its rows seen in the queue (looked at
     /// every 50 ms or so), which is how long the relay took to notice it.
     commit_to_first_row_ms: Option<f64>,
@@ -912,6 +1031,12 @@ fn cpu_of_commands(commands: &[&str]) -> f64 {
                 .then(|| stat_cpu_seconds(&stat, true))
         })
         .sum()
+}
+
+/// The CPU seconds this process has used.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_cpu_seconds(&stat, false)
 }
 
 /// User and system CPU seconds of a `/proc/PID/stat` line, and of the reaped children.
@@ -1034,22 +1159,23 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         .await?;
     }
     let retention = if keep { "7d" } else { "0s" };
-    // MySQL has no notifications: a service there nudges its sidecar after committing, as
-    // the operations guide says (`POST /wake`), or the relay finds a burst at its next look.
+    // Its `/metrics` say how full the window is. MySQL has no notifications: a service
+    // there nudges its sidecar after committing, as the operations guide says (`POST
+    // /wake`), or the relay finds a burst at its next look.
+    let http = free_local_addr()?;
     let wake = match (arrival, server.backend) {
-        (Arrival::Burst(_), Backend::Mysql) => Some(free_local_addr()?),
+        (Arrival::Burst(_), Backend::Mysql) => Some(http),
         _ => None,
     };
     let start_relay = || {
         let endpoint = otlp.map(|addr| format!("http://{addr}"));
-        let http = wake.map(|addr| addr.to_string());
-        let mut env = vec![("OUTBOX_RETENTION", retention)];
+        let http = http.to_string();
+        let mut env = vec![("OUTBOX_RETENTION", retention), ("OUTBOX_HTTP_ADDR", &http)];
         env.extend(
             endpoint
                 .as_deref()
                 .map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e)),
         );
-        env.extend(http.as_deref().map(|a| ("OUTBOX_HTTP_ADDR", a)));
         RelayProcess::start(&b.relay_bin, &db.url, &b.amqp, &env)
     };
     let (relay, committed) = match arrival {
@@ -1099,6 +1225,8 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
     };
     let mut first: Option<(Instant, usize)> = None;
     let mut peak = 0.0f64;
+    // Looks at the window while rows go through: how many had it (nearly) full.
+    let (mut looks, mut full) = (0u32, 0u32);
     loop {
         let done = if consume {
             consumed.load(std::sync::atomic::Ordering::Relaxed)
@@ -1111,6 +1239,10 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         }
         if done >= n {
             break;
+        }
+        if first.is_some() {
+            looks += 1;
+            full += u32::from(unconfirmed(http).await? >= 0.9 * WINDOW as f64);
         }
         peak = peak.max(relay.memory_mib("VmHWM:"));
         anyhow::ensure!(
@@ -1143,6 +1275,7 @@ async fn backlog_drain(b: &Bench, server: &Server, backlog: Backlog) -> anyhow::
         peak_rss_mib: peak,
         cpu_s_per_10k: cpu / n as f64 * 10_000.0,
         cores,
+        window_full: f64::from(full) / f64::from(looks.max(1)),
         commit_to_first_row_ms,
     })
 }
@@ -1154,25 +1287,42 @@ fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
 
 /// `POST /wake` to a relay's HTTP address, as a service does after its commit: 204 expected.
 async fn post_wake(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let post = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(b"POST /wake HTTP/1.1\r\nHost: relay\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).await?;
-        anyhow::Ok(answer)
-    };
-    let answer = tokio::time::timeout(Duration::from_secs(2), post)
-        .await
-        .context("POST /wake: no answer within 2 s")??;
+    let answer = http_request(addr, "POST /wake").await?;
     anyhow::ensure!(
         answer.starts_with("HTTP/1.1 204"),
         "POST /wake answered {:?}",
         answer.lines().next()
     );
     Ok(())
+}
+
+/// The relay's `outbox_unconfirmed_publishes`.
+async fn unconfirmed(addr: std::net::SocketAddr) -> anyhow::Result<f64> {
+    let answer = http_request(addr, "GET /metrics").await?;
+    answer
+        .lines()
+        .find_map(|l| l.strip_prefix("outbox_unconfirmed_publishes "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no outbox_unconfirmed_publishes in /metrics")
+}
+
+/// The whole answer of the relay at `addr` to `request` (method and path, no body),
+/// within 2 s.
+async fn http_request(addr: std::net::SocketAddr, request: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let head = format!(
+            "{request} HTTP/1.1\r\nHost: relay\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        anyhow::Ok(answer)
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .with_context(|| format!("{request}: no answer within 2 s"))?
 }
 
 /// What exporting spans costs the relay: CPU per 10k rows of a classic backlog, its rate,

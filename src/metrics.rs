@@ -18,6 +18,8 @@ pub const BROKER_BLOCKED: &str = "outbox_broker_blocked";
 pub const LEADER: &str = "outbox_leader";
 /// Row creation to broker confirm.
 pub const PUBLISH_LATENCY: &str = "outbox_publish_latency_seconds";
+/// Publishes awaiting their confirm (added to the contract's metrics).
+pub const UNCONFIRMED: &str = "outbox_unconfirmed_publishes";
 
 /// Inbox: messages applied, by `consumer`.
 pub const INBOX_HANDLED: &str = "outbox_inbox_handled_total";
@@ -65,6 +67,10 @@ pub fn describe() {
         "the broker blocks this relay's publishing connection"
     );
     describe_gauge!(LEADER, "this relay instance holds the table's leadership");
+    describe_gauge!(
+        UNCONFIRMED,
+        "publishes sent and awaiting the broker's confirm (at most OUTBOX_MAX_IN_FLIGHT)"
+    );
     describe_histogram!(
         PUBLISH_LATENCY,
         Unit::Seconds,
@@ -77,6 +83,7 @@ pub fn describe() {
         BROKER_CONNECTED,
         BROKER_BLOCKED,
         LEADER,
+        UNCONFIRMED,
     ] {
         gauge!(g).set(0.0);
     }

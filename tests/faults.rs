@@ -337,6 +337,43 @@ on_both_backends! {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishes_awaiting_a_silent_brokers_confirm_are_counted_until_it_answers(
+        backend: Backend,
+    ) {
+        let db = Db::new(backend).await;
+        let queue = TestQueue::new().await;
+        let mq = Proxy::start(MQ.parse().unwrap()).await;
+        let amqp = amqp_through(&mq);
+        let relay = Relay::start(
+            &db.url,
+            &db.table,
+            &[("AMQP_URL", amqp.as_str()), ("OUTBOX_POLL_INTERVAL", "1s")],
+        );
+        wait_ready(&relay).await;
+        const UNCONFIRMED: &str = "outbox_unconfirmed_publishes";
+        assert_eq!(relay.metric(UNCONFIRMED).await, Some(0.0));
+        // The broker goes silent: the publishes leave, and no confirm comes back.
+        mq.freeze_all();
+        let ids = commit_rows(&db, &queue, 20, 20).await;
+        eventually(
+            "the 20 publishes to await their confirms",
+            Duration::from_secs(5),
+            || async { relay.metric(UNCONFIRMED).await == Some(20.0) },
+        )
+        .await;
+        mq.thaw();
+        queue
+            .wait_for_distinct(ids.len(), Duration::from_secs(30))
+            .await;
+        eventually(
+            "no publish left awaiting a confirm",
+            Duration::from_secs(10),
+            || async { relay.metric(UNCONFIRMED).await == Some(0.0) },
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn healthz_fails_when_the_leaders_pool_is_frozen_with_rows_pending(backend: Backend) {
         let db = Db::new(backend).await;
         let queue = TestQueue::new().await;

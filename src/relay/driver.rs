@@ -39,6 +39,8 @@ pub(super) struct Driver<S: Store> {
     inserts: Arc<Inserts>,
     /// The decisions.
     core: Leader,
+    /// `outbox_unconfirmed_publishes`, and the figure it was last set to.
+    unconfirmed: (metrics::Gauge, usize),
     /// The broker's nodes, tried in turn (lent to a connection attempt while it runs).
     nodes: Option<Nodes>,
     /// Open connections and their publish tasks, by number.
@@ -78,6 +80,7 @@ impl<S: Store> Driver<S> {
                 config.max_message_size,
             )),
             core: Leader::new(config.clone(), Instant::now().into_std()),
+            unconfirmed: (metrics::gauge!(crate::metrics::UNCONFIRMED), 0),
             store,
             config,
             health,
@@ -105,6 +108,7 @@ impl<S: Store> Driver<S> {
             if self.core.is_finished() {
                 break;
             }
+            self.count_unconfirmed(self.core.outstanding());
             self.health.turned();
             if self.core.is_idle() {
                 self.health.progressed();
@@ -149,10 +153,19 @@ impl<S: Store> Driver<S> {
                 }
             }
         }
+        self.count_unconfirmed(0);
         for (publisher, _) in self.publishers.into_values() {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, publisher.close()).await;
         }
         self.health.set_broker_connected(false);
+    }
+
+    /// Sets `outbox_unconfirmed_publishes` when the figure changed.
+    fn count_unconfirmed(&mut self, outstanding: usize) {
+        if outstanding != self.unconfirmed.1 {
+            self.unconfirmed.0.set(outstanding as f64);
+            self.unconfirmed.1 = outstanding;
+        }
     }
 
     /// Starts what the core asks for.
