@@ -79,6 +79,23 @@ async fn wait_ready(relay: &Relay) {
     .await;
 }
 
+/// A ready relay, with `env`, on a database and a queue of its own, that reaches the broker
+/// through a fault proxy.
+async fn relay_behind_broker_proxy(
+    backend: Backend,
+    env: &[(&str, &str)],
+) -> (Db, TestQueue, Proxy, Relay) {
+    let db = Db::new(backend).await;
+    let queue = TestQueue::new().await;
+    let mq = Proxy::start(MQ.parse().unwrap()).await;
+    let amqp = amqp_through(&mq);
+    let mut env = env.to_vec();
+    env.push(("AMQP_URL", amqp.as_str()));
+    let relay = Relay::start(&db.url, &db.table, &env);
+    wait_ready(&relay).await;
+    (db, queue, mq, relay)
+}
+
 /// The relay's CPU time while its database is unreachable for 30 s, in `fault`.
 async fn cpu_while_the_database_is_unreachable(
     backend: Backend,
@@ -288,22 +305,16 @@ on_both_backends! {
     async fn unroutable_rows_published_around_a_confirm_timeout_go_dead_never_sent(
         backend: Backend,
     ) {
-        let db = Db::new(backend).await;
-        let queue = TestQueue::new().await;
-        let mq = Proxy::start(MQ.parse().unwrap()).await;
-        let amqp = amqp_through(&mq);
-        let relay = Relay::start(
-            &db.url,
-            &db.table,
+        let (db, queue, mq, _relay) = relay_behind_broker_proxy(
+            backend,
             &[
-                ("AMQP_URL", amqp.as_str()),
                 ("OUTBOX_CONFIRM_TIMEOUT", "1s"),
                 ("OUTBOX_MAX_ATTEMPTS", "3"),
                 ("OUTBOX_BACKOFF_MIN", "100ms"),
                 ("OUTBOX_BACKOFF_MAX", "300ms"),
             ],
-        );
-        wait_ready(&relay).await;
+        )
+        .await;
         let (mut routed, mut unroutable) = (HashSet::new(), HashSet::new());
         for episode in 0..4 {
             for seq in 0..250 {
@@ -340,16 +351,8 @@ on_both_backends! {
     async fn publishes_awaiting_a_silent_brokers_confirm_are_counted_until_it_answers(
         backend: Backend,
     ) {
-        let db = Db::new(backend).await;
-        let queue = TestQueue::new().await;
-        let mq = Proxy::start(MQ.parse().unwrap()).await;
-        let amqp = amqp_through(&mq);
-        let relay = Relay::start(
-            &db.url,
-            &db.table,
-            &[("AMQP_URL", amqp.as_str()), ("OUTBOX_POLL_INTERVAL", "1s")],
-        );
-        wait_ready(&relay).await;
+        let (db, queue, mq, relay) =
+            relay_behind_broker_proxy(backend, &[("OUTBOX_POLL_INTERVAL", "1s")]).await;
         const UNCONFIRMED: &str = "outbox_unconfirmed_publishes";
         assert_eq!(relay.metric(UNCONFIRMED).await, Some(0.0));
         // The broker goes silent: the publishes leave, and no confirm comes back.
