@@ -308,6 +308,11 @@ struct DrainRuns {
 }
 
 impl DrainRuns {
+    /// The median of one figure of the backlog drains.
+    fn median(&self, figure: impl Fn(&Drain) -> f64) -> f64 {
+        median(&self.drains.iter().map(figure).collect::<Vec<_>>())
+    }
+
     /// A backlog and the two bursts on `server`, against the ceiling `raw`.
     async fn round(
         &mut self,
@@ -348,21 +353,9 @@ async fn loaded_ceilings(
     publisher_cpu: f64,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let database = median(
-        &runs
-            .drains
-            .iter()
-            .map(|d| d.cores.database)
-            .collect::<Vec<_>>(),
-    );
-    let relay_beyond_lapin = median(
-        &runs
-            .drains
-            .iter()
-            .map(|d| (d.cores.relay - publisher_cpu * d.rate).max(0.0))
-            .collect::<Vec<_>>(),
-    );
-    let drain = median(&runs.drains.iter().map(|d| d.rate).collect::<Vec<_>>());
+    let database = runs.median(|d| d.cores.database);
+    let relay_beyond_lapin = runs.median(|d| (d.cores.relay - publisher_cpu * d.rate).max(0.0));
+    let drain = runs.median(|d| d.rate);
     let loads = [
         ("the database's", database),
         (
@@ -493,19 +486,16 @@ async fn drains(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
             continue;
         }
         for (server, runs) in b.servers.iter().zip(&runs) {
-            let rates: Vec<f64> = runs.drains.iter().map(|d| d.rate).collect();
-            let cpu: Vec<f64> = runs.drains.iter().map(|d| d.cpu_s_per_10k).collect();
             let peak = runs
                 .drains
                 .iter()
                 .map(|d| d.peak_rss_mib)
                 .fold(0.0, f64::max);
-            let mut figures = vec![("rows_per_s", median(&rates))];
+            let mut figures = vec![("rows_per_s", runs.median(|d| d.rate))];
             figures.extend(ratio_spread(&runs.ratios));
             figures.push(("relay_peak_rss_mib", peak));
-            figures.push(("relay_cpu_s_per_10k_rows", median(&cpu)));
-            let full: Vec<f64> = runs.drains.iter().map(|d| d.window_full).collect();
-            figures.push(("window_full", median(&full)));
+            figures.push(("relay_cpu_s_per_10k_rows", runs.median(|d| d.cpu_s_per_10k)));
+            figures.push(("window_full", runs.median(|d| d.window_full)));
             figures.extend(Cores::medians(runs.drains.iter().map(|d| d.cores)));
             report.row(
                 &format!("backlog drain {n} rows, {} queue", kind.name()),
